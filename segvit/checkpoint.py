@@ -1,0 +1,148 @@
+"""Loading the original SegViT checkpoints (mmcv format, mmseg parameter names) and segvit's own.
+
+All knowledge of the original names lives in ``_RULES``: one ordered table of (original prefix, segvit prefix)
+templates, read in one direction to load and in the other to export. ``{i}`` is an index kept as is, ``{s}`` a
+1-based stage number of the original that is 0-based here.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+
+def _decoder_rules(original: str, ours: str) -> list[tuple[str, str]]:
+    renamed = [("multihead_attn", "cross_attn"), ("linear1", "fc1"), ("linear2", "fc2")]
+    return ([(f"{original}.layers.{{i}}.{a}.", f"{ours}.layers.{{i}}.{b}.") for a, b in renamed]
+            + [(f"{original}.layers.{{i}}.", f"{ours}.layers.{{i}}.")])
+
+
+_BACKBONE_RULES = [
+    ("backbone.patch_embed.projection.", "backbone.patch_embed.proj."),
+    ("backbone.layers.{i}.ln1.", "backbone.blocks.{i}.norm1."),
+    ("backbone.layers.{i}.ln2.", "backbone.blocks.{i}.norm2."),
+    ("backbone.layers.{i}.attn.attn.", "backbone.blocks.{i}.attn."),
+    ("backbone.layers.{i}.ffn.layers.0.0.", "backbone.blocks.{i}.mlp.fc1."),
+    ("backbone.layers.{i}.ffn.layers.1.", "backbone.blocks.{i}.mlp.fc2."),
+    ("backbone.ln1.", "backbone.norm."),
+    ("backbone.", "backbone."),
+]
+_RULES = {
+    "ATMHead": _BACKBONE_RULES + [
+        ("decode_head.input_proj_{s}.", "head.stages.{s}.input_proj."),
+        ("decode_head.proj_norm_{s}.", "head.stages.{s}.proj_norm."),
+        *_decoder_rules("decode_head.decoder_{s}", "head.stages.{s}"),
+        ("decode_head.q.", "head.class_queries."),
+        ("decode_head.class_embed.", "head.class_embed."),
+    ],
+    "TPNATMHead": _BACKBONE_RULES + [
+        ("decode_head.input_proj_{s}.", "head.qu_stages.{s}.input_proj."),
+        ("decode_head.proj_norm_{s}.", "head.qu_stages.{s}.proj_norm."),
+        *_decoder_rules("decode_head.decoder_{s}", "head.qu_stages.{s}"),
+        ("decode_head.q.", "head.grid_queries."),
+        *_decoder_rules("decode_head.atm.decoder_1", "head.atm.stage"),
+        ("decode_head.atm.q.", "head.atm.class_queries."),
+        ("decode_head.atm.class_embed.", "head.atm.class_embed."),
+    ],
+}
+# The loss's class-weight buffer is saved with the original models; segvit keeps it in SegViTLoss.
+_LOSS_BUFFERS = {"ATMHead": ["decode_head.loss_decode.criterion.empty_weight"],
+                 "TPNATMHead": ["decode_head.atm.loss_decode.criterion.empty_weight",
+                                "decode_head.loss_decode.criterion.empty_weight"]}
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{s\}", r"(?P<s>\d+)"))
+
+
+def _rename(key: str, rules: list[tuple[str, str]], to_ours: bool) -> str | None:
+    shift = -1 if to_ours else 1
+    for original, ours in rules:
+        source, target = (original, ours) if to_ours else (ours, original)
+        match = _pattern(source).match(key)
+        if match:
+            values = match.groupdict()
+            if "s" in values:
+                values["s"] = int(values["s"]) + shift
+            return target.format(**values) + key[match.end():]
+    return None
+
+
+def _head_type(model: nn.Module) -> str:
+    from segvit.models.shrunk import ShrunkHead
+
+    return "TPNATMHead" if isinstance(model.head, ShrunkHead) else "ATMHead"
+
+
+def is_original_format(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("decode_head.", "backbone.layers.", "backbone.patch_embed.projection.")) for k in state_dict)
+
+
+def from_original(state_dict: Mapping[str, torch.Tensor], head_type: str) -> "OrderedDict[str, torch.Tensor]":
+    """Original (mmseg) names -> segvit names; the loss buffers are dropped, unknown names kept as they are."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        if key in _LOSS_BUFFERS[head_type]:
+            continue
+        out[_rename(key, _RULES[head_type], to_ours=True) or key] = value
+    return out
+
+
+def to_original(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state dict under the original (mmseg) names, loss buffers included: loadable by the
+    original code."""
+    head_type = _head_type(model)
+    out = OrderedDict()
+    for key, value in model.state_dict().items():
+        name = _rename(key, _RULES[head_type], to_ours=False)
+        if name is None:
+            raise KeyError(f"no original name for {key!r}")
+        out[name] = value
+    for key in _LOSS_BUFFERS[head_type]:
+        empty_weight = torch.ones(model.num_classes + 1)
+        empty_weight[-1] = 0.1
+        out[key] = empty_weight
+    return out
+
+
+def _read(path_or_state_dict) -> Mapping[str, torch.Tensor]:
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        try:
+            obj = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        except Exception as exc:  # an mmcv ``meta`` with objects plain unpickling would have to trust
+            raise RuntimeError(
+                f"could not load {os.fspath(path_or_state_dict)!r} safely ({exc}). If you trust the file, pass "
+                "torch.load(path, map_location='cpu', weights_only=False) to load_checkpoint instead.") from exc
+    else:
+        obj = path_or_state_dict
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"checkpoint: expected a state dict or a dict with 'state_dict', got {type(obj).__name__}")
+    for wrapper in ("state_dict", "model"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in obj.items())
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -> nn.Module:
+    """Load an original SegViT checkpoint (mmcv: ``{"state_dict": ..., "meta": ...}`` or a bare state dict
+    with the names of ``checkpoint-keys/``) or a segvit one into ``model``. With ``strict``, missing, unexpected
+    and mis-shaped entries raise one error listing them all. Returns the model."""
+    state_dict = _read(path_or_state_dict)
+    if is_original_format(state_dict):
+        state_dict = from_original(state_dict, _head_type(model))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                  for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)) if keys]
+    if mis_shaped or (strict and problems):
+        raise RuntimeError("load_checkpoint: the checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state_dict, strict=False)
+    return model

@@ -1,0 +1,1 @@
+"""The original configurations of the 7 published SegViT models (JSON)."""

@@ -1,0 +1,90 @@
+"""SegViT's training loss (the original ``ATMLoss`` + ``SetCriterion``).
+
+Query i is tied to class i: no matching. Per output (the prediction and each aux output, with the same
+assignment) three terms: cross-entropy of the class logits (every query; target its own class where the class is
+present in the image, else "no object", weighted 0.1), and the sigmoid focal and dice losses of the present
+classes' masks (``segvit.ops.mask_losses``), weighted 1, 20 and 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from segvit import ops
+from segvit.ops.mask_losses import present_pairs
+
+
+class SegViTLoss(nn.Module):
+    """``loss(out, labels)`` -> ``{"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", ...}``, each term already
+    multiplied by its weight (and ``loss_weight``); the training loss is their sum.
+
+    ``out`` is the model's output dict; labels (B, Hl, Wl) integer, ``ignore_index`` for ignored pixels (they
+    are negatives of every mask, as in the original). Under ``torch.distributed`` the mask count is summed over
+    processes and averaged, as in the original.
+    """
+
+    def __init__(self, num_classes: int, *, ignore_index: int = 255, eos_coef: float = 0.1,
+                 cls_weight: float = 1.0, mask_weight: float = 20.0, dice_weight: float = 1.0,
+                 loss_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.weights = {"loss_ce": cls_weight * loss_weight, "loss_mask": mask_weight * loss_weight,
+                        "loss_dice": dice_weight * loss_weight}
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "SegViTLoss":
+        """The loss a model's config asked for (class count, ignore index, weights)."""
+        return cls(**model.loss_options)
+
+    def class_targets(self, labels: torch.Tensor, num_queries: int) -> torch.Tensor:
+        images, classes = present_pairs(labels, self.ignore_index)
+        targets = torch.full((labels.shape[0], num_queries), self.num_classes, dtype=torch.long, device=labels.device)
+        targets[images, classes] = classes
+        return targets
+
+    def forward(self, out: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if labels.dim() == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.dim() != 3:
+            raise ValueError(f"labels: expected (B, H, W), got shape {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point:
+            raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
+        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"labels: expected values in [0, {self.num_classes}) or ignore_index="
+                             f"{self.ignore_index}, found {labels[bad][:5].tolist()}")
+        outputs = [out] + list(out.get("aux_outputs", []))
+        num_queries = out["pred_logits"].shape[1]
+        class_targets = self.class_targets(labels, num_queries)
+        scale = self._global_mask_scale((class_targets != self.num_classes).sum())
+        losses = {}
+        for index, output in enumerate(outputs):
+            suffix = "" if index == 0 else f"_{index - 1}"
+            # The original runs the loss in float32 (force_fp32) whatever the model's precision.
+            class_logits = output["pred_logits"].float()
+            loss_ce = F.cross_entropy(class_logits.transpose(1, 2), class_targets, self.empty_weight)
+            loss_focal, loss_dice, _ = ops.mask_losses(
+                output["pred_masks"], labels, ignore_index=self.ignore_index, alpha=self.focal_alpha,
+                gamma=self.focal_gamma)
+            losses["loss_ce" + suffix] = loss_ce * self.weights["loss_ce"]
+            losses["loss_mask" + suffix] = loss_focal * scale * self.weights["loss_mask"]
+            losses["loss_dice" + suffix] = loss_dice * scale * self.weights["loss_dice"]
+        return losses
+
+    @staticmethod
+    def _global_mask_scale(num_pairs: torch.Tensor):
+        """max(local count, 1) / max(mean count over processes, 1): turns the local normalisation of
+        ``mask_losses`` into the original's all-reduced one. 1 without torch.distributed."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1.0
+        local = num_pairs.float()
+        total = local.clone()
+        dist.all_reduce(total)
+        return local.clamp(min=1.0) / torch.clamp(total / dist.get_world_size(), min=1.0)

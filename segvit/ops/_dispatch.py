@@ -1,0 +1,139 @@
+"""Backend selection for the fused ops.
+
+Each op declares, per backend, a kernel and a function that lists why that kernel cannot take given inputs
+(an empty list means it can). The dispatcher runs the selected backend, or under ``auto`` the first one that fits
+in the device's preference order. A backend the user asked for by name that cannot take the inputs is an error
+listing its reasons; under ``auto`` a passed-over backend that is present but refuses the inputs is reported
+once as a warning (a backend that merely has no kernel for the op yet is passed over silently).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+BACKENDS = ("eager", "triton", "cpp", "cuda")
+_CHOICES = ("auto",) + BACKENDS
+# Preference of ``auto`` by device type; eager is always last and always fits.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpp", "eager")}
+
+
+def _validate_name(name: str, source: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{source}: unknown segvit backend {name!r}; expected one of {', '.join(_CHOICES)}")
+    return name
+
+
+_selected = _validate_name(os.environ.get("SEGVIT_BACKEND", "auto"), "SEGVIT_BACKEND")
+
+
+def get_backend() -> str:
+    """The backend currently selected (``auto`` unless changed by ``use_backend`` or ``SEGVIT_BACKEND``)."""
+    return _selected
+
+
+class use_backend:
+    """Select the backend of every ``segvit.ops`` call: ``use_backend("eager")`` switches now and stays;
+    ``with use_backend("cpp"): ...`` switches for the block and restores the previous choice on exit."""
+
+    def __init__(self, name: str):
+        global _selected
+        self._previous = _selected
+        _selected = _validate_name(name, "use_backend(name)")
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _selected
+        _selected = self._previous
+
+
+@dataclass
+class Kernel:
+    """One backend's implementation of one op."""
+    fn: Callable
+    reasons: Callable[..., list[str]] = lambda *args, **kwargs: []
+
+
+@dataclass
+class Op:
+    name: str
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+
+    def register(self, backend: str, fn: Callable, reasons: Callable[..., list[str]] | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.kernels[backend] = Kernel(fn, reasons or (lambda *a, **k: []))
+
+    def why_not(self, backend: str, *args, **kwargs) -> list[str]:
+        kernel = self.kernels.get(backend)
+        if kernel is None:
+            return [f"no {backend} kernel for {self.name} (not implemented)"]
+        return kernel.reasons(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if _selected != "auto":
+            reasons = self.why_not(_selected, *args, **kwargs)
+            if reasons:
+                raise RuntimeError(f"segvit.ops.{self.name}: backend {_selected!r} cannot run these inputs: "
+                                   + "; ".join(reasons))
+            return self.kernels[_selected].fn(*args, **kwargs)
+        for backend in _AUTO_ORDER.get(device.type, ("eager",)):
+            reasons = self.why_not(backend, *args, **kwargs)
+            if not reasons:
+                return self.kernels[backend].fn(*args, **kwargs)
+            if backend in self.kernels:
+                _warn_once(self.name, backend, reasons)
+        raise AssertionError("unreachable: the eager kernel takes every valid input")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(op: str, backend: str, reasons: list[str]) -> None:
+    # Ordinary cases (a CPU-forward-only kernel during training) are not worth a warning.
+    reasons = [r for r in reasons if not r.startswith("forward only")]
+    if reasons and (op, backend) not in _warned:
+        _warned.add((op, backend))
+        warnings.warn(f"segvit.ops.{op}: auto skipped backend {backend!r}: {'; '.join(reasons)}", stacklevel=3)
+
+
+OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    return OPS.setdefault(name, Op(name))
+
+
+def available_backends() -> dict[str, str]:
+    """Every backend name mapped to ``"available"`` or the reason it is not usable on this machine."""
+    from segvit import _extension
+
+    status = {"eager": "available"}
+    try:
+        import triton  # noqa: F401
+
+        has_cuda = torch.cuda.is_available()
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if not any(OPS[n].kernels.get("triton") for n in OPS):
+            status["triton"] = "no triton kernels registered yet"
+        else:
+            status["triton"] = "available" if (has_cuda or interpret) else "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
+    except ImportError as exc:
+        status["triton"] = f"triton not importable: {exc}"
+    ext_ok, ext_reason = _extension.status()
+    status["cpp"] = "available" if ext_ok else ext_reason
+    if not ext_ok:
+        status["cuda"] = ext_reason
+    elif not torch.cuda.is_available():
+        status["cuda"] = "no CUDA device"
+    elif not _extension.has_cuda_kernels():
+        status["cuda"] = "extension built without CUDA kernels"
+    else:
+        status["cuda"] = "available"
+    return status

@@ -1,0 +1,71 @@
+"""``mask_classify``: SegViT's inference formula, class probabilities times sigmoid masks at output resolution."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from segvit import _extension
+from segvit.ops import _checks
+from segvit.ops._dispatch import op
+
+_OP = op("mask_classify")
+
+
+def mask_classify(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size) -> torch.Tensor:
+    """Per-pixel class scores from class logits and low-resolution mask logits.
+
+    class_logits (B, Q, K+1), mask_logits (B, Q, h, w), out_size (Hout, Wout) -> (B, K, Hout, Wout)::
+
+        out[b, c] = sum_q softmax(class_logits[b, q])[c] * sigmoid(bilinear(mask_logits[b, q], out_size))
+
+    for c < K: the softmax runs over all K+1 classes and the last ("no object") is then dropped. ``bilinear`` is
+    ``F.interpolate(mode="bilinear", align_corners=False)``. Fused backends never materialize the
+    (B, Q, Hout, Wout) upsampled masks; they are forward only (gradients come from the eager backend).
+    """
+    _validate(class_logits, mask_logits, out_size)
+    return _OP(class_logits, mask_logits, _checks.size_pair("out_size", out_size))
+
+
+def _validate(class_logits, mask_logits, out_size) -> None:
+    _checks.tensor("class_logits", class_logits, 3, "(B, Q, K+1)")
+    _checks.tensor("mask_logits", mask_logits, 4, "(B, Q, h, w)")
+    _checks.same_device_dtype("class_logits", class_logits, mask_logits=mask_logits)
+    _checks.same("class_logits", class_logits.shape[0], "mask_logits", mask_logits.shape[0], "batch size")
+    _checks.same("class_logits", class_logits.shape[1], "mask_logits", mask_logits.shape[1], "query count Q")
+    if class_logits.shape[2] < 2:
+        raise ValueError(f"class_logits: expected K+1 >= 2 class columns, got {class_logits.shape[2]}")
+    _checks.size_pair("out_size", out_size)
+
+
+def eager(class_logits, mask_logits, out_size):
+    """The original's computation: upsample, sigmoid, einsum (materializes (B, Q, Hout, Wout))."""
+    probs = F.softmax(class_logits, dim=-1)[..., :-1]
+    masks = F.interpolate(mask_logits, size=tuple(out_size), mode="bilinear", align_corners=False).sigmoid()
+    return torch.einsum("bqc,bqhw->bchw", probs, masks)
+
+
+def reference(class_logits, mask_logits, out_size):
+    """Float64 reference for tests."""
+    return eager(class_logits.double(), mask_logits.double(), out_size)
+
+
+def _cpp(class_logits, mask_logits, out_size):
+    return torch.ops.segvit.mask_classify(class_logits, mask_logits, list(out_size))
+
+
+def _cpp_reasons(class_logits, mask_logits, out_size):
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    reasons = []
+    if class_logits.device.type != "cpu":
+        reasons.append(f"cpp runs on CPU tensors, got {class_logits.device}")
+    if class_logits.dtype not in (torch.float32, torch.bfloat16):
+        reasons.append(f"cpp takes float32 or bfloat16, got {class_logits.dtype}")
+    if torch.is_grad_enabled() and (class_logits.requires_grad or mask_logits.requires_grad):
+        reasons.append("forward only: inputs require grad")
+    return reasons
+
+
+_OP.register("eager", eager)
+_OP.register("cpp", _cpp, _cpp_reasons)
