@@ -124,7 +124,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1] + 1, embed_dims))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
+        rates = torch.linspace(0, drop_path_rate, num_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dims, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i], norm_eps)
             for i in range(num_layers))
