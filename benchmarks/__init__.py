@@ -1,0 +1,1 @@
+"""The segvit benchmark suite: ``python -m benchmarks``."""

@@ -1,0 +1,33 @@
+"""``python -m segvit.info``: versions, what was built, and which backend runs each op here."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import segvit
+from segvit import _extension
+from segvit.ops import _dispatch
+
+
+def report() -> str:
+    lines = [f"segvit {segvit.__version__}   torch {torch.__version__}   python {platform.python_version()}",
+             f"machine: {platform.machine()}, {torch.get_num_threads()} threads, CPU capability "
+             f"{torch.backends.cpu.get_cpu_capability()}, CUDA devices: {torch.cuda.device_count()}"]
+    try:
+        import triton
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    lines.append(f"extension segvit._C: {_extension.build_info()}")
+    lines.append(f"selected backend: {_dispatch.get_backend()}")
+    lines.append("backends:")
+    lines += [f"  {name:7s} {why}" for name, why in _dispatch.available_backends().items()]
+    lines.append("kernels per op:")
+    for name, op in sorted(_dispatch.OPS.items()):
+        lines.append(f"  {name:22s} {', '.join(b for b in _dispatch.BACKENDS if b in op.kernels)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
