@@ -1,0 +1,50 @@
+// segvit._C: registration of the custom ops and a small Python module describing the build.
+// The only file that includes torch/extension.h / torch/library.h (slow to compile); kernels see ATen headers only.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/mask_classify.h"
+
+// Op schemas. Fake (meta) kernels are registered from Python (segvit/_extension.py) with torch.library.register_fake.
+TORCH_LIBRARY(segvit, m) {
+  m.def("mask_classify(Tensor class_logits, Tensor mask_logits, SymInt[2] out_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(segvit, CPU, m) {
+  m.impl("mask_classify", &segvit::cpu::mask_classify);
+}
+
+#define SEGVIT_STRINGIFY_(x) #x
+#define SEGVIT_STRINGIFY(x) SEGVIT_STRINGIFY_(x)
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  info["compiler"] = std::string("msvc ") + SEGVIT_STRINGIFY(_MSC_VER);
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["cpu_isa"] = segvit::cpu::isa_info();
+#ifdef SEGVIT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["torch_version"] = SEGVIT_STRINGIFY(TORCH_VERSION_MAJOR) "." SEGVIT_STRINGIFY(TORCH_VERSION_MINOR) "." SEGVIT_STRINGIFY(
+      TORCH_VERSION_PATCH);
+  info["ops"] = py::make_tuple("segvit::mask_classify");
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "segvit compiled kernels; the ops are registered as torch.ops.segvit.*";
+  m.def("build_info", &build_info, "Compiler, CPU ISA path, whether CUDA kernels were built.");
+}

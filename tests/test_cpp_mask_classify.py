@@ -1,0 +1,141 @@
+"""The C++ CPU kernel of ``segvit::mask_classify`` (csrc/cpu/mask_classify.cpp) against a float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segvit import _extension
+
+_AVAILABLE, _REASON = _extension.status()
+pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=_REASON)
+
+# float32: worst observed |err| / (1e-6 + 1e-6 |ref|) is ~1.6 over 30 seeds of these shapes (and Q=20, K=30 to 200x150).
+F32_ATOL = F32_RTOL = 5e-6
+# bfloat16: the kernel's max error may be at most 2x that of eager bfloat16 computing the same thing (interpolate,
+# sigmoid, einsum in bfloat16), plus a floor for cases where eager happens to be almost exact.
+BF16_EAGER_FACTOR = 2.0
+BF16_FLOOR = 1e-4
+
+# (B, Q, K, h, w, Hout, Wout): odd sizes, Q != K, 1x1 grids, downsampling, identity size, rows not a block multiple.
+SHAPES = [
+    (2, 7, 5, 5, 7, 33, 17),
+    (1, 13, 13, 6, 6, 96, 96),
+    (1, 3, 2, 1, 1, 5, 9),
+    (1, 4, 6, 9, 11, 4, 5),
+    (2, 5, 3, 8, 6, 8, 6),
+    (1, 1, 1, 3, 1, 7, 1),
+    (3, 9, 4, 4, 3, 1, 50),
+    (1, 6, 19, 10, 10, 160, 23),
+]
+
+
+def mask_classify(class_logits, mask_logits, out_size):
+    return torch.ops.segvit.mask_classify(class_logits, mask_logits, list(out_size))
+
+
+def reference(class_logits, mask_logits, out_size):
+    probs = F.softmax(class_logits.double(), -1)[..., :-1]
+    masks = torch.sigmoid(F.interpolate(mask_logits.double(), out_size, mode="bilinear", align_corners=False))
+    return torch.einsum("bqc,bqhw->bchw", probs, masks)
+
+
+def eager(class_logits, mask_logits, out_size):
+    probs = F.softmax(class_logits, -1)[..., :-1]
+    masks = torch.sigmoid(F.interpolate(mask_logits, out_size, mode="bilinear", align_corners=False))
+    return torch.einsum("bqc,bqhw->bchw", probs, masks)
+
+
+def inputs(B, Q, K, h, w, dtype=torch.float32):
+    return (torch.randn(B, Q, K + 1) * 3).to(dtype), (torch.randn(B, Q, h, w) * 3).to(dtype)
+
+
+def assert_close(actual, expected, atol, rtol):
+    err = (actual.double() - expected).abs()
+    bad = err > atol + rtol * expected.abs()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{int(bad.sum())} mismatches (max abs err {err.max().item():.3g}); first: {worst}")
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def num_threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
+def test_float32_matches_float64_reference(shape, num_threads):
+    B, Q, K, h, w, Hout, Wout = shape
+    class_logits, mask_logits = inputs(B, Q, K, h, w)
+    out = mask_classify(class_logits, mask_logits, (Hout, Wout))
+    assert out.shape == (B, K, Hout, Wout) and out.dtype == torch.float32 and out.is_contiguous()
+    # The reference is strictly positive (softmax and sigmoid are), so a pixel the kernel never wrote shows up.
+    assert (out > 0).all(), "output not fully written"
+    assert_close(out, reference(class_logits, mask_logits, (Hout, Wout)), F32_ATOL, F32_RTOL)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
+def test_bfloat16_error_within_2x_eager(shape, num_threads):
+    B, Q, K, h, w, Hout, Wout = shape
+    class_logits, mask_logits = inputs(B, Q, K, h, w, torch.bfloat16)
+    expected = reference(class_logits, mask_logits, (Hout, Wout))
+    out = mask_classify(class_logits, mask_logits, (Hout, Wout))
+    assert out.shape == (B, K, Hout, Wout) and out.dtype == torch.bfloat16
+    assert (out > 0).all(), "output not fully written"
+    err = (out.double() - expected).abs().max().item()
+    eager_err = (eager(class_logits, mask_logits, (Hout, Wout)).double() - expected).abs().max().item()
+    assert err <= BF16_EAGER_FACTOR * eager_err + BF16_FLOOR, f"kernel error {err:.3g}, eager bfloat16 error {eager_err:.3g}"
+
+
+def test_non_contiguous_inputs_are_accepted():
+    class_logits, mask_logits = inputs(2, 5, 4, 7, 6)
+    cls_t = class_logits.transpose(0, 1).contiguous().transpose(0, 1)
+    masks_t = mask_logits.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not cls_t.is_contiguous() and not masks_t.is_contiguous()
+    out = mask_classify(cls_t, masks_t, (13, 11))
+    assert_close(out, reference(class_logits, mask_logits, (13, 11)), F32_ATOL, F32_RTOL)
+
+
+def test_empty_batch():
+    class_logits, mask_logits = inputs(0, 3, 2, 4, 4)
+    assert mask_classify(class_logits, mask_logits, (5, 6)).shape == (0, 2, 5, 6)
+
+
+_CLS, _MASKS = torch.randn(2, 3, 5), torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "class_logits, mask_logits, out_size, match",
+    [
+        (_CLS[0], _MASKS, (8, 8), r"class_logits must be 3-D"),
+        (_CLS, _MASKS[0], (8, 8), r"mask_logits must be 4-D"),
+        (_CLS, _MASKS[:, :2], (8, 8), r"same number of queries Q"),
+        (_CLS[:1], _MASKS, (8, 8), r"same batch size B"),
+        (_CLS.double(), _MASKS.double(), (8, 8), r"class_logits must be float32 or bfloat16"),
+        (_CLS.half(), _MASKS.half(), (8, 8), r"class_logits must be float32 or bfloat16"),
+        (_CLS, _MASKS.bfloat16(), (8, 8), r"mask_logits must have the dtype of class_logits"),
+        (_CLS, _MASKS, (0, 8), r"out_size must be two positive ints"),
+        (_CLS, _MASKS, (8, -1), r"out_size must be two positive ints"),
+        (_CLS, _MASKS, (8, 8, 8), r"out_size must be two ints"),
+        (_CLS[:, :0], _MASKS[:, :0], (8, 8), r"number of queries Q must be >= 1"),
+        (_CLS[..., :1], _MASKS, (8, 8), r"class_logits must have K\+1 >= 2"),
+        (_CLS, _MASKS[..., :0], (8, 8), r"mask_logits must have a non-empty \(h, w\) grid"),
+    ],
+    ids=["cls_dims", "masks_dims", "mismatched_Q", "mismatched_batch", "float64", "float16", "mixed_dtype",
+         "out_size_zero", "out_size_negative", "out_size_three", "empty_Q", "no_classes", "empty_grid"],
+)
+def test_invalid_inputs_raise_naming_the_argument(class_logits, mask_logits, out_size, match):
+    with pytest.raises(RuntimeError, match=match):
+        mask_classify(class_logits, mask_logits, out_size)
+
+
+def test_opcheck():
+    class_logits, mask_logits = inputs(2, 4, 3, 5, 6)
+    torch.library.opcheck(torch.ops.segvit.mask_classify.default, (class_logits, mask_logits, [11, 7]))
+
+
+def test_build_info():
+    info = _extension.build_info()
+    assert info["available"] and "cpu_isa" in info and isinstance(info["cuda"], bool)
