@@ -20,15 +20,18 @@ class SegViTLoss(nn.Module):
     """``loss(out, labels)`` -> ``{"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", ...}``, each term already
     multiplied by its weight (and ``loss_weight``); the training loss is their sum.
 
-    ``out`` is the model's output dict; labels (B, Hl, Wl) integer, ``ignore_index`` for ignored pixels (they
-    are negatives of every mask, as in the original). Under ``torch.distributed`` the mask count is summed over
+    ``out`` is the model's output dict (with ``max_aux_outputs`` set, only that many aux outputs count);
+    labels (B, Hl, Wl) integer, ``ignore_index`` for ignored pixels (they are negatives of every mask, as in the original). Under ``torch.distributed`` the mask count is summed over
     processes and averaged, as in the original.
     """
 
     def __init__(self, num_classes: int, *, ignore_index: int = 255, eos_coef: float = 0.1,
                  cls_weight: float = 1.0, mask_weight: float = 20.0, dice_weight: float = 1.0,
-                 loss_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 loss_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 max_aux_outputs: int | None = None):
         super().__init__()
+        # The original weights only dec_layers - 1 aux outputs and drops the terms of any further ones.
+        self.max_aux_outputs = max_aux_outputs
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.weights = {"loss_ce": cls_weight * loss_weight, "loss_mask": mask_weight * loss_weight,
@@ -60,7 +63,7 @@ class SegViTLoss(nn.Module):
         if bool(bad.any()):
             raise ValueError(f"labels: expected values in [0, {self.num_classes}) or ignore_index="
                              f"{self.ignore_index}, found {labels[bad][:5].tolist()}")
-        outputs = [out] + list(out.get("aux_outputs", []))
+        outputs = [out] + list(out.get("aux_outputs", []))[:self.max_aux_outputs]
         num_queries = out["pred_logits"].shape[1]
         class_targets = self.class_targets(labels, num_queries)
         scale = self._global_mask_scale((class_targets != self.num_classes).sum())

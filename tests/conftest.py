@@ -4,6 +4,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on the CPU through the interpreter, which must be chosen before triton is
+# imported (importing torch does not import triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -27,6 +32,10 @@ def tiny_config(head="ATMHead", img_size=64, num_classes=5, embed_dims=32, num_l
     stride = stride or img_size * 2 // 3
     return {"type": "EncoderDecoder", "pretrained": None, "backbone": backbone, "decode_head": decode_head,
             "test_cfg": {"mode": "slide", "crop_size": [img_size, img_size], "stride": [stride, stride]}}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with `pytest -m gpu` on a GPU machine)")
 
 
 @pytest.fixture

@@ -104,3 +104,13 @@ def test_loss_weights_and_empty_weight_buffer():
     loss = segvit.SegViTLoss(5, loss_weight=2.0)
     assert loss.empty_weight.tolist() == pytest.approx([1, 1, 1, 1, 1, 0.1])
     assert loss.weights == {"loss_ce": 2.0, "loss_mask": 40.0, "loss_dice": 2.0}
+
+
+def test_dec_layers_limits_aux_terms_as_the_original(make_config):
+    """The original's weight dict has dec_layers - 1 aux groups; terms of further aux outputs are dropped."""
+    cfg = make_config(img_size=32)
+    cfg["decode_head"]["loss_decode"]["dec_layers"] = 2  # the cascade head has 2 aux outputs
+    model = segvit.build_model(cfg)
+    labels = torch.randint(0, 5, (1, 32, 32))
+    losses = segvit.SegViTLoss.for_model(model)(model(torch.randn(1, 3, 32, 32)), labels)
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"}

@@ -1,7 +1,7 @@
 """Building models from the original SegViT (mmseg-style) config dicts, and the 7 published configurations.
 
 Each original constructor argument is either honoured (it changes the computed function), ignored (it does
-not: download URLs, ``channels``, the loss's ``dec_layers``, ...), or refused with a clear error when this
+not: download URLs, ``channels``, ...), or refused with a clear error when this
 implementation does not support the value given. Unknown types and unknown fields are errors.
 """
 from __future__ import annotations
@@ -138,7 +138,8 @@ def _build_head(cfg: dict, backbone: VisionTransformer):
     head = (ATMHead if kind == "ATMHead" else ShrunkHead)(**kwargs)
     loss_options = {"num_classes": num_classes, "ignore_index": ignore_index,
                     "loss_weight": loss.get("loss_weight", 1.0), "cls_weight": loss.get("cls_weight", 1.0),
-                    "mask_weight": loss.get("mask_weight", 20.0), "dice_weight": loss.get("dice_weight", 1.0)}
+                    "mask_weight": loss.get("mask_weight", 20.0), "dice_weight": loss.get("dice_weight", 1.0),
+                    "max_aux_outputs": loss["dec_layers"] - 1 if "dec_layers" in loss else None}
     return head, loss_options
 
 
