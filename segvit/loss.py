@@ -21,8 +21,9 @@ class SegViTLoss(nn.Module):
     multiplied by its weight (and ``loss_weight``); the training loss is their sum.
 
     ``out`` is the model's output dict (with ``max_aux_outputs`` set, only that many aux outputs count);
-    labels (B, Hl, Wl) integer, ``ignore_index`` for ignored pixels (they are negatives of every mask, as in the original). Under ``torch.distributed`` the mask count is summed over
-    processes and averaged, as in the original.
+    labels (B, Hl, Wl) integer, ``ignore_index`` for ignored pixels (they are negatives of every mask, as in
+    the original). Under ``torch.distributed`` the mask count is summed over processes and averaged, as in the
+    original.
     """
 
     def __init__(self, num_classes: int, *, ignore_index: int = 255, eos_coef: float = 0.1,
