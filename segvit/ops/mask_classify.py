@@ -69,3 +69,20 @@ def _cpp_reasons(class_logits, mask_logits, out_size):
 
 _OP.register("eager", eager)
 _OP.register("cpp", _cpp, _cpp_reasons)
+
+
+def _triton(class_logits, mask_logits, out_size):
+    from segvit.kernels import mask_classify as kernels
+
+    return kernels.mask_classify(class_logits, mask_logits, out_size)
+
+
+def _triton_reasons(class_logits, mask_logits, out_size):
+    try:
+        from segvit.kernels import mask_classify as kernels
+    except ImportError as exc:
+        return [f"triton not importable: {exc}"]
+    return kernels.reasons(class_logits, mask_logits, out_size)
+
+
+_OP.register("triton", _triton, _triton_reasons)

@@ -1,0 +1,140 @@
+"""Triton kernels of ``mask_classify`` and ``mask_losses`` against the float64 references of segvit.ops.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py) on CPU tensors; with a GPU the same
+tests run on CUDA (``pytest -m gpu``), where bfloat16 is tested too (the triton 3.8 interpreter computes bfloat16
+``tl.dot`` and reductions wrongly, upstream issues 11584 and 11604).
+
+Tolerances, against float64:
+- float32: mask_classify atol = rtol = 5e-6 (worst seen ~1e-6: a few roundings of values <= Q); mask_losses
+  losses rtol 1e-5 and gradients atol 1e-6 + rtol 1e-4 (float32 sums over up to ~600 pixels per tile).
+- float16 / bfloat16: the kernel's error at most 2x the error of eager PyTorch computing the same thing in that dtype,
+  plus a floor (flash-attention's rule), since the inputs themselves carry the dtype's rounding.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segvit
+
+triton = pytest.importorskip("triton")
+mc_ops = importlib.import_module("segvit.ops.mask_classify")
+ml_ops = importlib.import_module("segvit.ops.mask_losses")
+from segvit.kernels import mask_classify as mc_kernels  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+# The same tests on the device the kernels run on here: CUDA with a GPU (marked gpu), else the interpreter on CPU.
+DEVICE = pytest.param("cuda", marks=pytest.mark.gpu) if HAS_CUDA else "cpu"
+BF16 = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: "
+                                                                               "interpreter bf16 is wrong")])
+DTYPES = [torch.float32, torch.float16, BF16]
+F32_TOL = 5e-6
+HALF_EAGER_FACTOR = 2.0
+HALF_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every launcher allocates its outputs filled with NaN, so an element a kernel forgets to write fails."""
+    monkeypatch.setattr(mc_kernels, "POISON_OUTPUTS", True)
+
+
+def max_err(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_close(actual, expected, atol, rtol):
+    err = (actual.double() - expected).abs()
+    bad = ~(err <= atol + rtol * expected.abs())  # NaN counts as bad
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{int(bad.sum())} mismatches (max abs err {err.max().item():.3g}); first: {worst}")
+
+
+# ---------------------------------------------------------------------------------------------------- mask_classify
+# (B, Q, K, h, w, Hout, Wout): ragged Q/K/pixel tiles, Q and K above one block (16 under the interpreter), 1x1
+# grid, downsampling, identity size, a single output row/column.
+MC_SHAPES = [
+    (2, 7, 5, 5, 7, 33, 17),
+    (1, 19, 17, 6, 4, 9, 13),
+    (1, 3, 2, 1, 1, 5, 9),
+    (1, 4, 6, 9, 11, 4, 5),
+    (2, 5, 3, 8, 6, 8, 6),
+    (1, 6, 4, 4, 3, 1, 50),
+]
+
+
+def mc_inputs(B, Q, K, h, w, dtype, device):
+    return ((torch.randn(B, Q, K + 1) * 3).to(dtype).to(device),
+            (torch.randn(B, Q, h, w) * 3).to(dtype).to(device))
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MC_SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
+def test_mask_classify_matches_reference(shape, dtype, device):
+    B, Q, K, h, w, Hout, Wout = shape
+    class_logits, mask_logits = mc_inputs(B, Q, K, h, w, dtype, device)
+    out = mc_kernels.mask_classify(class_logits, mask_logits, (Hout, Wout))
+    assert out.shape == (B, K, Hout, Wout) and out.dtype == dtype and out.device == class_logits.device
+    expected = mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (Hout, Wout))
+    out = out.cpu()
+    assert torch.isfinite(out).all(), "output not fully written (NaN poison left)"
+    if dtype == torch.float32:
+        assert_close(out, expected, F32_TOL, F32_TOL)
+    else:
+        eager = mc_ops.eager(class_logits, mask_logits, (Hout, Wout)).cpu()
+        err, eager_err = max_err(out, expected), max_err(eager, expected)
+        assert err <= HALF_EAGER_FACTOR * eager_err + HALF_FLOOR[dtype], (err, eager_err)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_classify_interpolation_matches_f_interpolate(device):
+    # One query, K = 1 with the two class logits equal: P = 1/2 exactly, so out = sigmoid(interpolate(m)) / 2 and
+    # the comparison isolates the source-index rule (a wrong tap moves values by far more than 1e-6).
+    mask_logits = (torch.randn(1, 1, 7, 5) * 4).to(device)
+    class_logits = torch.zeros(1, 1, 2, device=device)
+    for size in [(23, 11), (7, 5), (3, 2), (64, 1)]:
+        out = mc_kernels.mask_classify(class_logits, mask_logits, size)
+        expected = torch.sigmoid(F.interpolate(mask_logits, size, mode="bilinear", align_corners=False)) / 2
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_classify_dispatch_and_non_contiguous_inputs(device):
+    class_logits, mask_logits = mc_inputs(2, 5, 4, 7, 6, torch.float32, device)
+    cls_t = class_logits.transpose(0, 1).contiguous().transpose(0, 1)
+    masks_t = mask_logits.transpose(2, 3).contiguous().transpose(2, 3)
+    with segvit.ops.use_backend("triton"):
+        out = segvit.ops.mask_classify(cls_t, masks_t, (13, 11))
+    assert_close(out.cpu(), mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (13, 11)), F32_TOL, F32_TOL)
+
+
+def test_mask_classify_reasons():
+    class_logits, mask_logits = mc_inputs(1, 3, 2, 4, 4, torch.float32, "cpu")
+    assert mc_ops._OP.why_not("triton", class_logits, mask_logits, (5, 5)) == []
+    grad = mc_ops._OP.why_not("triton", class_logits.requires_grad_(), mask_logits, (5, 5))
+    assert len(grad) == 1 and grad[0].startswith("forward only")
+    with torch.no_grad():
+        assert mc_ops._OP.why_not("triton", class_logits, mask_logits, (5, 5)) == []
+    wrong = mc_ops._OP.why_not("triton", class_logits.detach().double(), mask_logits.double(), (5, 5))
+    assert any("float64" in r for r in wrong)
+    if not HAS_CUDA:
+        assert any("bfloat16" in r for r in mc_ops._OP.why_not("triton", class_logits.detach().bfloat16(),
+                                                               mask_logits.bfloat16(), (5, 5)))
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_classify_opcheck_and_compile(device):
+    class_logits, mask_logits = mc_inputs(2, 4, 3, 5, 6, torch.float32, device)
+    torch.library.opcheck(torch.ops.segvit.triton_mask_classify.default, (class_logits, mask_logits, [11, 7]))
+    compiled = torch.compile(lambda c, m: torch.ops.segvit.triton_mask_classify(c, m, [11, 7]) * 2,
+                             fullgraph=True, backend="eager")
+    assert_close(compiled(class_logits, mask_logits).cpu() / 2,
+                 mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (11, 7)), F32_TOL, F32_TOL)
