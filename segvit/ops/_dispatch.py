@@ -87,7 +87,8 @@ class Op:
             reasons = self.why_not(backend, *args, **kwargs)
             if not reasons:
                 return self.kernels[backend].fn(*args, **kwargs)
-            if backend in self.kernels:
+            # warnings.warn cannot be traced by torch.compile(fullgraph=True); an eager call warns as usual.
+            if backend in self.kernels and not torch.compiler.is_compiling():
                 _warn_once(self.name, backend, reasons)
         raise AssertionError("unreachable: the eager kernel takes every valid input")
 

@@ -61,3 +61,8 @@ def reference(q, k, v, *, scale=None, dropout_p=0.0):
 
 
 _OP.register("eager", eager)
+
+# Triton kernels (GPU; CPU under TRITON_INTERPRET=1): importing them never needs triton itself.
+from segvit.kernels import atm_attention as _triton  # noqa: E402
+
+_OP.register("triton", _triton.atm_attention, _triton.reasons)

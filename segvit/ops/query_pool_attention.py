@@ -76,3 +76,8 @@ def reference(x, grid, in_proj_weight, in_proj_bias, num_heads, *, stride=2):
 
 
 _OP.register("eager", eager)
+
+# Triton kernels (GPU; CPU under TRITON_INTERPRET=1): importing them never needs triton itself.
+from segvit.kernels import query_pool_attention as _triton  # noqa: E402
+
+_OP.register("triton", _triton.query_pool_attention, _triton.reasons)

@@ -1,0 +1,69 @@
+"""Helpers shared by the Triton kernels: availability, interpreter detection, launch-config choice, test poisoning."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the eager and cpp backends work without triton
+    triton, tl = None, None
+    IMPORT_ERROR = f"triton not importable: {exc}"
+else:
+    IMPORT_ERROR = ""
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is fixed when the kernels are imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Test hook: when True, launchers fill the buffers the kernels write with NaN, so an element a kernel forgets to
+# write fails the comparison instead of passing as stale memory.
+POISON = False
+
+
+def empty(*shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_reasons(*tensors: torch.Tensor) -> list[str]:
+    """Why the triton backend cannot run on these tensors' device and dtype (empty list: it can)."""
+    if IMPORT_ERROR:
+        return [IMPORT_ERROR]
+    reasons = []
+    t = tensors[0]
+    if t.device.type != "cuda" and not INTERPRET:
+        reasons.append(f"tensors on {t.device.type}, not CUDA (set TRITON_INTERPRET=1 before import to interpret "
+                       "the kernels on the CPU)")
+    if t.device.type not in ("cuda", "cpu"):
+        reasons.append(f"device type {t.device.type} is not supported")
+    if t.dtype not in DTYPES:
+        reasons.append(f"dtype {t.dtype} not supported (float32, float16, bfloat16)")
+    return reasons
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    # tl.dot needs every dimension >= 16; tl.arange needs a power of 2.
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+def autotune(configs: list[dict], single: dict, key: list[str], prune=None):
+    """``triton.autotune`` over ``configs`` on a GPU; under the interpreter (no GPU timer) the plain kernel, which
+    the launcher calls with ``single``. Each config dict holds constexprs plus ``num_warps`` / ``num_stages``."""
+    def wrap(fn):
+        if INTERPRET:
+            fn.single_config = single
+            return fn
+        tuned = triton.autotune(
+            configs=[triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                   num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs],
+            key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+        tuned.single_config = {}
+        return tuned
+    return wrap
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

@@ -1,0 +1,374 @@
+"""Triton backend of ``segvit.ops.atm_attention`` (math: that function's docstring) and the flash-attention core
+that ``query_pool_attention`` reuses.
+
+Design:
+
+* Attention: flash-attention, one program per (query block, batch * head). Keys and values stream through in
+  blocks with an online softmax (running max and sum in float32, base-2 exponentials with log2(e) folded into
+  the scale); the (B, H, Nq, Nk) scores never exist. The kernel saves the base-2 log-sum-exp per (b, h, query)
+  for the backward. Per (query block, head) rather than per query block over all heads: SegViT's decoder has
+  Nq = 150 queries, so a per-query-block grid would launch B * 3 programs on a 108-SM A100, and holding H
+  accumulators (H x BLOCK_M x D floats) per program costs 16x the registers. With per-head programs the K/V of
+  one head is re-read once per query block (3 blocks at Nq = 150), from L2.
+* Similarity map: sim = mean_h scale q_h k_h^T = (scale / H) q k^T over the full C = H * D channels, one GEMM of
+  (B, Nq, C) x (B, C, Nk). The per-head attention programs cannot write it without summing over heads across
+  programs (float atomics: order-dependent, not deterministic), so it is one library GEMM (``baddbmm`` with
+  alpha = scale / H, fp32 accumulation on the tensor cores), reading q and k once more (k: 3.3 MB at ViT-L 640,
+  L2-resident right after the attention kernel read it). Its gradient is fused into the attention backward:
+  dSim / H is added to every head's score gradient inside the tiles, so the backward is one pass.
+* Backward: two deterministic passes, as FlashAttention-2: a (key block, b * h) program accumulates dK and dV
+  over all query blocks, a (query block, b * h) program accumulates dQ over all key blocks; both recompute
+  P = exp2(s - lse) from the saved LSE. No float atomics, so results do not depend on scheduling.
+* Dropout: ``tl.rand(seed, offset)`` (Philox, counter-based) with offset = ((b * H + h) * Nq + i) * Nk + j as
+  int64, so the forward and both backward passes regenerate the same keep mask without storing it. The seed is
+  drawn from torch's CPU generator inside the op (``torch.manual_seed`` reproduces it) and saved for backward.
+
+Layouts: q (B, Nq, H, D), k and v (B, Nk, H, D), any strides with a unit D stride (the wrapper makes q, k, v
+contiguous); D <= 128 padded to a power of 2 (>= 16 for ``tl.dot``) with masks. float32, float16, bfloat16
+inputs, float32 accumulation; float32 dots use IEEE fp32 (not TF32) so float32 keeps float32 accuracy.
+"""
+from __future__ import annotations
+
+import torch
+
+from segvit.kernels import _common
+from segvit.kernels._common import tl, triton
+
+MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for A100 (sm_80, 164 KiB smem) and H100 (sm_90, 228 KiB).
+FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in [
+    (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3)]]
+BWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in [
+    (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 128, 8, 2)]]
+# Under the interpreter: small blocks, so the tests' sizes (7, 13, 19 ...) have ragged tails and several blocks.
+SINGLE = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _fits(block_m: int, block_n: int, block_d: int) -> bool:
+    # With D = 128 a 128 x 128 tile holds 128 x 128 fp32 scores next to a 128 x 128 accumulator: register spills.
+    return block_d < 128 or block_m * block_n <= 64 * 128
+
+
+def _prune(configs, named_args, **kwargs):
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    return [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d)]
+
+
+if triton is not None:
+    @triton.jit
+    def _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p):
+        offsets = (bh * Nq + offs_m).to(tl.int64)[:, None] * Nk + offs_n[None, :]
+        return tl.rand(seed, offsets) >= dropout_p
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, Nq, Nk, H, D,
+                  sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Nq
+        d_ok = offs_d < D
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, Nk, BLOCK_N):
+            n = start + offs_n
+            n_ok = n < Nk
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            # Every block has >= 1 valid key (start < Nk), so m_new is finite and no row becomes NaN.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(_keep(seed, bh, offs_m, n, Nq, Nk, dropout_p), p / (1.0 - dropout_p), 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + bh * Nq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+
+    @triton.jit
+    def _probs(q, k, lse, m_ok, n_ok, qk_scale):
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        # Padding rows and columns get probability 0 (their lse is a placeholder).
+        return tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+
+    @triton.jit
+    def _score_grad(p, dp, delta, keep, dsim, dropout_p, inv_h, DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
+        # d(loss)/d(s_h) = P * (dP - delta) (+ dSim / H from the similarity map, the head mean of s_h).
+        if DROPOUT:
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_DSIM:
+            ds += dsim * inv_h
+        return ds
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DSIM, DK, DV, seed, qk_scale, scale, inv_h, dropout_p,
+                       Nq, Nk, H, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdob, sdom, sdoh,
+                       sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < Nk
+        d_ok = offs_d < D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start in range(0, Nq, BLOCK_M):
+            offs_m = start + offs_m0
+            m_ok = offs_m < Nq
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=q_mask,
+                         other=0.0)
+            lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            p = _probs(q, k, lse, m_ok, n_ok, qk_scale)
+            keep = m_ok[:, None]
+            p_drop = p
+            if DROPOUT:
+                keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
+                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dsim = 0.0
+            if HAS_DSIM:
+                dsim = tl.load(DSIM + b * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :],
+                               mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            ds = _score_grad(p, dp, delta, keep, dsim, dropout_p, inv_h, DROPOUT, HAS_DSIM)
+            ds = tl.where(m_ok[:, None] & n_ok[None, :], ds, 0.0)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DSIM, DQ, seed, qk_scale, scale, inv_h, dropout_p,
+                     Nq, Nk, H, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdob, sdom, sdoh,
+                     sdqb, sdqm, sdqh,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Nq
+        d_ok = offs_d < D
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, Nk, BLOCK_N):
+            offs_n = start + offs_n0
+            n_ok = offs_n < Nk
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+            p = _probs(q, k, lse, m_ok, n_ok, qk_scale)
+            keep = m_ok[:, None]
+            if DROPOUT:
+                keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dsim = 0.0
+            if HAS_DSIM:
+                dsim = tl.load(DSIM + b * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :],
+                               mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            ds = _score_grad(p, dp, delta, keep, dsim, dropout_p, inv_h, DROPOUT, HAS_DSIM)
+            ds = tl.where(m_ok[:, None] & n_ok[None, :], ds, 0.0)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+    _KEY = ["Nq", "Nk", "BLOCK_D", "DROPOUT"]
+    _fwd = _common.autotune(FWD_CONFIGS, SINGLE, _KEY, _prune)(_attn_fwd)
+    _bwd_dkdv = _common.autotune(BWD_CONFIGS, SINGLE, _KEY + ["HAS_DSIM"], _prune)(_attn_bwd_dkdv)
+    _bwd_dq = _common.autotune(BWD_CONFIGS, SINGLE, _KEY + ["HAS_DSIM"], _prune)(_attn_bwd_dq)
+
+
+def _s(t: torch.Tensor):
+    """(batch, sequence, head) strides of a (B, N, H, D) tensor with a unit D stride."""
+    assert t.stride(3) == 1, "the kernels index D with a unit stride"
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_forward(q, k, v, out, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
+    """Flash forward: writes ``out`` (B, Nq, H, D) and returns the base-2 LSE (B * H, Nq) in float32.
+    q, k, v, out may be strided views (unit stride along D)."""
+    batch, nq, heads, dim = q.shape
+    nk = k.shape[1]
+    lse = _common.empty(batch * heads, nq, dtype=torch.float32, device=q.device)
+    kernel = _fwd
+    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    kernel[grid](q, k, v, out, lse, seed, scale * LOG2E, dropout_p, nq, nk, heads, dim,
+                 *_s(q), *_s(k), *_s(v), *_s(out), BLOCK_D=_common.next_pow2(dim), DROPOUT=dropout_p > 0,
+                 **kernel.single_config)
+    return lse
+
+
+def attention_backward(q, k, v, out, dout, lse, dsim, dq, dk, dv, scale: float, dropout_p: float,
+                       seed: int) -> None:
+    """Flash backward into the preallocated (possibly strided) dq, dk, dv. ``dsim`` (B, Nq, Nk) contiguous or None:
+    the gradient of the head-mean similarity map, added to every head's score gradient as dSim / H."""
+    batch, nq, heads, dim = q.shape
+    nk = k.shape[1]
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout: O already holds the dropped, rescaled P).
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, nq).contiguous()
+    dout = dout if dout.stride(3) == 1 else dout.contiguous()
+    has_dsim = dsim is not None
+    dsim_arg = dsim.contiguous() if has_dsim else delta  # placeholder pointer, never read
+    common = dict(BLOCK_D=_common.next_pow2(dim), DROPOUT=dropout_p > 0, HAS_DSIM=has_dsim)
+    args = (seed, scale * LOG2E, scale, 1.0 / heads, dropout_p, nq, nk, heads, dim, *_s(q), *_s(k), *_s(v),
+            *_s(dout))
+    grid = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), batch * heads)  # noqa: E731
+    _bwd_dkdv[grid](q, k, v, dout, lse, delta, dsim_arg, dk, dv, *args, *_s(dk), *_s(dv), **common,
+                    **_bwd_dkdv.single_config)
+    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _bwd_dq[grid](q, k, v, dout, lse, delta, dsim_arg, dq, *args, *_s(dq), **common, **_bwd_dq.single_config)
+
+
+def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """sim = mean_h scale q_h k_h^T = (scale / H) q k^T over all C = H * D channels: one GEMM (see the module doc)."""
+    batch, nq, heads, dim = q.shape
+    qf = q.reshape(batch, nq, heads * dim)
+    kf = k.reshape(batch, k.shape[1], heads * dim)
+    sim = torch.empty(batch, nq, k.shape[1], dtype=q.dtype, device=q.device)
+    return torch.baddbmm(sim, qf, kf.transpose(1, 2), beta=0.0, alpha=scale / heads)
+
+
+# ---- torch.library wiring ----
+
+@torch.library.custom_op("segvit::triton_atm_attention", mutates_args=())
+def _atm_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, sim, lse, seed); lse and seed are saved for the backward."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # p = 0 leaves torch's generator untouched, as eager does.
+    seed = int(torch.randint(0, 2 ** 31 - 1, ())) if dropout_p > 0 else 0
+    out = _common.empty(*q.shape, dtype=q.dtype, device=q.device)
+    lse = attention_forward(q, k, v, out, scale, dropout_p, seed)
+    return out, similarity(q, k, scale), lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@_atm_op.register_fake
+def _(q, k, v, scale, dropout_p):
+    batch, nq, heads, dim = q.shape
+    return (q.new_empty(q.shape), q.new_empty(batch, nq, k.shape[1]),
+            q.new_empty(batch * heads, nq, dtype=torch.float32), torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("segvit::triton_atm_attention_backward", mutates_args=())
+def _atm_backward_op(dout: torch.Tensor, dsim: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = (_common.empty(*t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    attention_backward(q, k, v, out, dout, lse, dsim, dq, dk, dv, scale, dropout_p, int(seed))
+    return dq, dk, dv
+
+
+@_atm_backward_op.register_fake
+def _(dout, dsim, q, k, v, out, lse, seed, scale, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, dropout_p = inputs
+    out, _, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _backward(ctx, dout, dsim, _dlse, _dseed):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    # Autograd passes None for an output that does not reach the loss; zeros keep the op's schema simple.
+    dout = torch.zeros_like(out) if dout is None else dout
+    dsim = q.new_zeros(q.shape[0], q.shape[1], k.shape[1]) if dsim is None else dsim
+    dq, dk, dv = _atm_backward_op(dout, dsim, q, k, v, out, lse, seed, ctx.scale, ctx.dropout_p)
+    return dq, dk, dv, None, None
+
+
+_atm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def atm_attention(q, k, v, *, scale, dropout_p):
+    """The ``triton`` backend of ``segvit.ops.atm_attention`` (inputs validated there)."""
+    out, sim, _, _ = _atm_op(q, k, v, scale, dropout_p)
+    return out, sim
+
+
+def reasons(q, k, v, *, scale, dropout_p) -> list[str]:
+    """Why the triton backend cannot take these inputs (empty list: it can)."""
+    found = _common.device_reasons(q)
+    if q.shape[3] > MAX_HEAD_DIM:
+        found.append(f"head dim D = {q.shape[3]} > {MAX_HEAD_DIM}")
+    return found
+
+
+def _specs():
+    """Every kernel x autotune configuration, for ``segvit.kernels.compile_report`` (ahead-of-time compilation).
+    Pointer types written ``*{dtype}`` in a signature are filled with each entry of ``dtypes``."""
+    if triton is None:
+        return []
+    strides = {n: "i32" for n in ("sqb", "sqm", "sqh", "skb", "skn", "skh", "svb", "svn", "svh")}
+    dtypes = ["fp32", "fp16", "bf16"]
+    specs = []
+    fwd_sig = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", LSE="*fp32", seed="i32", qk_scale="fp32",
+                   dropout_p="fp32", Nq="i32", Nk="i32", H="i32", D="i32", **strides, sob="i32", som="i32",
+                   soh="i32", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_D="constexpr", DROPOUT="constexpr")
+    bwd_common = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", DO="*{dtype}", LSE="*fp32", DELTA="*fp32",
+                      DSIM="*{dtype}")
+    bwd_tail = dict(seed="i32", qk_scale="fp32", scale="fp32", inv_h="fp32", dropout_p="fp32", Nq="i32", Nk="i32",
+                    H="i32", D="i32", **strides, sdob="i32", sdom="i32", sdoh="i32")
+    consts = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "DROPOUT", "HAS_DSIM"]
+    dkdv_sig = dict(**bwd_common, DK="*{dtype}", DV="*{dtype}", **bwd_tail, sdkb="i32", sdkn="i32", sdkh="i32",
+                    sdvb="i32", sdvn="i32", sdvh="i32", **{c: "constexpr" for c in consts})
+    dq_sig = dict(**bwd_common, DQ="*{dtype}", **bwd_tail, sdqb="i32", sdqm="i32", sdqh="i32",
+                  **{c: "constexpr" for c in consts})
+    # ViT-L 640 decoder: D = 32 (C 512 / 16 heads); D = 128 is the largest head dim the op accepts.
+    for name, fn, sig, configs, extra in [("atm_attention.fwd", _attn_fwd, fwd_sig, FWD_CONFIGS, {}),
+                                          ("atm_attention.bwd_dkdv", _attn_bwd_dkdv, dkdv_sig, BWD_CONFIGS,
+                                           {"HAS_DSIM": True}),
+                                          ("atm_attention.bwd_dq", _attn_bwd_dq, dq_sig, BWD_CONFIGS,
+                                           {"HAS_DSIM": True})]:
+        for block_d in (32, 128):
+            for dropout in (False, True):
+                constexprs = dict(BLOCK_D=block_d, DROPOUT=dropout, **extra)
+                kept = [c for c in configs if _fits(c["BLOCK_M"], c["BLOCK_N"], block_d)]
+                specs.append(dict(name=f"{name}[D={block_d},dropout={int(dropout)}]", fn=fn, signature=sig,
+                                  constexprs=constexprs, configs=kept, dtypes=dtypes))
+    return specs
+
+
+COMPILE_SPECS = _specs()

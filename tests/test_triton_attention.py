@@ -1,0 +1,271 @@
+"""Triton backend of atm_attention and query_pool_attention against the float64 references.
+
+Without a GPU the kernels run on the CPU under TRITON_INTERPRET=1 (tests/conftest.py); with one, the same tests run
+on CUDA (`pytest -m gpu`). Tolerance (the flash-attention rule): the kernel's max abs error against the float64
+reference is at most 2x the error of the eager backend computing the same thing in the same dtype, plus a floor
+for outputs where both errors are at rounding level (FLOOR). bfloat16 runs only on CUDA: the triton 3.8
+interpreter computes bfloat16 dots wrongly (triton issues 11584, 11604).
+"""
+import importlib
+
+import pytest
+import torch
+
+import segvit
+from segvit.kernels import _common
+
+atm_mod = importlib.import_module("segvit.ops.atm_attention")
+qp_mod = importlib.import_module("segvit.ops.query_pool_attention")
+atm_kernels = importlib.import_module("segvit.kernels.atm_attention")
+qp_kernels = importlib.import_module("segvit.kernels.query_pool_attention")
+
+CUDA = torch.cuda.is_available()
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not _common.INTERPRET, reason="needs TRITON_INTERPRET=1")),
+           pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    # Every buffer a kernel writes starts as NaN, so a skipped element fails instead of passing as stale memory.
+    monkeypatch.setattr(_common, "POISON", True)
+    with segvit.ops.use_backend("triton"):
+        yield
+
+
+def leaf(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+
+def assert_close_as_eager(name, ours, eager, ref, dtype):
+    """The flash-attention rule: |ours - ref| <= 2 |eager - ref| + floor, in the max norm."""
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    ref = ref.detach().double().cpu()
+    err = (ours.detach().double().cpu() - ref).abs().max().item()
+    err_eager = (eager.detach().double().cpu() - ref).abs().max().item()
+    assert err <= 2 * err_eager + FLOOR[dtype], f"{name}: error {err:.3g} vs eager {err_eager:.3g} ({dtype})"
+
+
+def run_with_grads(fn, inputs, grads):
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grads)
+    result = [o.detach() for o in outs] + [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- atm_attention
+
+ATM_SHAPES = [(2, 7, 13, 3, 8),   # odd everything, Nq != Nk
+              (1, 1, 5, 2, 16),   # a single query
+              (2, 6, 1, 2, 8),    # a single key
+              (1, 19, 23, 2, 24),  # D not a power of 2; Nq, Nk > the interpreter's 16-blocks, ragged tails
+              (1, 5, 17, 1, 128)]  # the largest head dim
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,nq,nk,h,d", ATM_SHAPES)
+def test_atm_attention_matches_reference(device, dtype, b, nq, nk, h, d):
+    q, k, v = (leaf(b, n, h, d, dtype=dtype, device=device) for n in (nq, nk, nk))
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    g_out, g_sim = torch.randn(b, nq, h, d, dtype=torch.float64), torch.randn(b, nq, nk, dtype=torch.float64)
+    grads = (g_out.to(device, dtype), g_sim.to(device, dtype))
+    ours = run_with_grads(lambda *a: segvit.ops.atm_attention(*a), (q, k, v), grads)
+    with segvit.ops.use_backend("eager"):
+        eager = run_with_grads(lambda *a: segvit.ops.atm_attention(*a), (q, k, v), grads)
+    ref = run_with_grads(atm_mod.reference, refs, (g_out, g_sim))
+    assert ours[0].shape == (b, nq, h, d) and ours[1].shape == (b, nq, nk) and ours[0].dtype == dtype
+    for name, a, e, r in zip(("out", "sim", "dq", "dk", "dv"), ours, eager, ref):
+        assert_close_as_eager(name, a, e, r, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_strided_inputs_and_one_used_output(device):
+    # q, k, v as transposed views of (B, H, N, D) tensors; only `out` reaches the loss (dSim is None).
+    q, k, v = (torch.randn(2, 3, n, 8, device=device).transpose(1, 2).requires_grad_() for n in (5, 9, 9))
+    out, _ = segvit.ops.atm_attention(q, k, v, scale=0.3)
+    out.square().sum().backward()
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = atm_mod.reference(*refs, scale=0.3)
+    ref_out.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip((q, k, v), refs):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def _dropout_inputs(device, b=2, nq=37, h=3, n=16):
+    # v_h = identity (Nk = D): out[b, i, h, j] = P_ij * keep_ij / (1 - p), so the keep mask is out != 0.
+    q, k = torch.randn(b, nq, h, n, device=device), torch.randn(b, n, h, n, device=device)
+    v = torch.eye(n, device=device)[None, :, None, :].expand(b, n, h, n).contiguous()
+    return q, k, v
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_dropout_zero_is_exact_and_draws_no_random_numbers(device):
+    q, k, v = _dropout_inputs(device)
+    state = torch.get_rng_state()
+    out0, sim0 = segvit.ops.atm_attention(q, k, v, dropout_p=0.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    out1, sim1 = segvit.ops.atm_attention(q, k, v)
+    assert torch.equal(out0, out1) and torch.equal(sim0, sim1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_dropout_keep_rate_and_scaling(device):
+    p = 0.3
+    q, k, v = _dropout_inputs(device)
+    probs, sim_ref = atm_mod.reference(q, k, v)  # with v = identity, out = P
+    kept = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out, sim = segvit.ops.atm_attention(q, k, v, dropout_p=p)
+        keep = out != 0
+        kept += keep.sum().item()
+        torch.testing.assert_close(out.double(), torch.where(keep, probs / (1 - p), 0.0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sim.double(), sim_ref, rtol=1e-5, atol=1e-5)  # sim is pre-dropout
+    n = 3 * out.numel()
+    # Binomial(n, 1 - p): 5 standard deviations (n = 10656: +-0.022 around 0.7).
+    assert abs(kept / n - (1 - p)) < 5 * ((1 - p) * p / n) ** 0.5
+    torch.manual_seed(0)
+    first = segvit.ops.atm_attention(q, k, v, dropout_p=p)[0]
+    torch.manual_seed(0)
+    assert torch.equal(first, segvit.ops.atm_attention(q, k, v, dropout_p=p)[0])  # the seed comes from torch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_dropout_backward_uses_the_forward_mask(device):
+    p, seed = 0.25, 123
+    q0, k0, v0 = _dropout_inputs(device)
+    torch.manual_seed(seed)
+    keep = segvit.ops.atm_attention(q0, k0, v0, dropout_p=p)[0] != 0  # (B, Nq, H, Nk): the mask of this seed
+    # Fresh inputs of the same shapes, same seed: the mask is a function of (seed, b, h, i, j) only.
+    q, k, v = (leaf(*t.shape, dtype=torch.float32, device=device) for t in (q0, k0, v0))
+    g_out, g_sim = torch.randn(q.shape, device=device), torch.randn(q.shape[:2] + k.shape[1:2], device=device)
+    torch.manual_seed(seed)
+    ours = run_with_grads(lambda *a: segvit.ops.atm_attention(*a, dropout_p=p), (q, k, v), (g_out, g_sim))
+
+    def masked_reference(q, k, v):
+        logits = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
+        attn = logits.softmax(-1) * keep.permute(0, 2, 1, 3) / (1 - p)
+        return torch.einsum("bhij,bjhd->bihd", attn, v), logits.mean(1)
+
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = run_with_grads(masked_reference, refs, (g_out.double(), g_sim.double()))
+    for name, a, r in zip(("out", "sim", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_dropout_gradient_by_finite_differences(device):
+    p, seed, eps = 0.2, 7, 1e-2
+    q, k, v = (leaf(1, n, 2, 8, dtype=torch.float32, device=device) for n in (5, 11, 11))
+    g_out, g_sim = torch.randn(1, 5, 2, 8, device=device), torch.randn(1, 5, 11, device=device)
+
+    def loss(q, k, v):
+        torch.manual_seed(seed)
+        out, sim = segvit.ops.atm_attention(q, k, v, dropout_p=p)
+        return (out * g_out).sum() + (sim * g_sim).sum()
+
+    loss(q, k, v).backward()
+    with torch.no_grad():
+        for t in (q, k, v):
+            direction = torch.randn_like(t)
+            t += eps * direction
+            up = loss(q, k, v).double()
+            t -= 2 * eps * direction
+            down = loss(q, k, v).double()
+            t += eps * direction
+            numeric = (up - down) / (2 * eps)
+            analytic = (t.grad.double() * direction.double()).sum()
+            assert abs(numeric - analytic) <= 1e-2 * (1 + abs(analytic)), (numeric.item(), analytic.item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_opcheck(device):
+    q, k, v = (leaf(2, n, 3, 8, dtype=torch.float32, device=device) for n in (5, 9, 9))
+    torch.library.opcheck(torch.ops.segvit.triton_atm_attention.default, (q, k, v, 0.35, 0.0))
+    with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
+        out, sim, lse, seed = torch.ops.segvit.triton_atm_attention(q, k, v, 0.35, 0.0)
+    args = (torch.randn_like(out), torch.randn_like(sim), q.detach(), k.detach(), v.detach(), out, lse, seed,
+            0.35, 0.0)
+    torch.library.opcheck(torch.ops.segvit.triton_atm_attention_backward.default, args)
+
+
+def test_atm_attention_reasons():
+    ok = torch.randn(1, 2, 1, 8)
+    found = atm_kernels.reasons(ok, ok, ok, scale=1.0, dropout_p=0.0)
+    assert found == [] if _common.INTERPRET else "not CUDA" in found[0]
+    wide = torch.randn(1, 2, 1, 129, dtype=torch.float64)
+    found = " ".join(atm_kernels.reasons(wide, wide, wide, scale=1.0, dropout_p=0.0))
+    assert "dtype torch.float64 not supported" in found and "head dim D = 129 > 128" in found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_auto_dispatches_cuda_tensors_to_triton(monkeypatch):
+    kernel = segvit.ops._dispatch.op("atm_attention").kernels["triton"]
+    calls = []
+    monkeypatch.setattr(kernel, "fn", lambda *a, **kw: calls.append(1) or atm_kernels.atm_attention(*a, **kw))
+    q = torch.randn(1, 3, 2, 8, device="cuda")
+    with segvit.ops.use_backend("auto"):
+        segvit.ops.atm_attention(q, q, q)
+    assert calls == [1]
+
+
+# --------------------------------------------------------------------------------------- query_pool_attention
+
+QP_CASES = [(2, (5, 7), 12, 3, 2),   # D = 4, odd grid, h != w
+            (1, (1, 1), 8, 2, 2),    # a single token
+            (1, (6, 4), 16, 4, 3),   # stride 3, ragged pooled grid
+            (1, (9, 7), 40, 2, 3)]   # L = 63 > 3 blocks, C = 40 and D = 20 not powers of 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,grid,c,heads,stride", QP_CASES)
+def test_query_pool_attention_matches_reference(device, dtype, b, grid, c, heads, stride):
+    x = leaf(b, grid[0] * grid[1], c, dtype=dtype, device=device)
+    w, bias = leaf(3 * c, c, dtype=dtype, device=device, scale=c ** -0.5), leaf(3 * c, dtype=dtype, device=device)
+    pooled = qp_mod.pooled_grid(grid, stride)
+    g = torch.randn(b, pooled[0] * pooled[1], c, dtype=torch.float64)
+
+    def fn(x, w, bias):
+        return segvit.ops.query_pool_attention(x, grid, w, bias, heads, stride=stride)
+
+    ours = run_with_grads(fn, (x, w, bias), (g.to(device, dtype),))
+    with segvit.ops.use_backend("eager"):
+        eager = run_with_grads(fn, (x, w, bias), (g.to(device, dtype),))
+    refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, bias)]
+    ref = run_with_grads(lambda *a: qp_mod.reference(a[0], grid, a[1], a[2], heads, stride=stride), refs, (g,))
+    assert ours[0].shape == (b, pooled[0] * pooled[1], c) and ours[0].dtype == dtype
+    for name, a, e, r in zip(("out", "dx", "dw", "dbias"), ours, eager, ref):
+        assert_close_as_eager(name, a, e, r, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_query_pool_attention_opcheck(device):
+    x = leaf(2, 20, 8, dtype=torch.float32, device=device)
+    w, bias = leaf(24, 8, dtype=torch.float32, device=device), leaf(24, dtype=torch.float32, device=device)
+    torch.library.opcheck(torch.ops.segvit.triton_query_pool_attention.default, (x, [5, 4], w, bias, 2, 2))
+    with torch.no_grad():
+        out, q, kv, lse = torch.ops.segvit.triton_query_pool_attention(x, [5, 4], w, bias, 2, 2)
+    args = (torch.randn_like(out), x.detach(), w.detach(), q, kv, out, lse, [5, 4], 2, 2)
+    torch.library.opcheck(torch.ops.segvit.triton_query_pool_attention_backward.default, args)
+
+
+def test_compile_specs_cover_every_kernel_and_config():
+    specs = atm_kernels.COMPILE_SPECS + qp_kernels.COMPILE_SPECS
+    fns = {s["fn"] for s in specs}
+    assert fns == {atm_kernels._attn_fwd, atm_kernels._attn_bwd_dkdv, atm_kernels._attn_bwd_dq,
+                   qp_kernels._gather_proj}
+    for spec in specs:
+        assert spec["configs"] and set(spec["dtypes"]) == {"fp32", "fp16", "bf16"}
+        for config in spec["configs"]:
+            args = set(spec["signature"])
+            assert set(config) - {"num_warps", "num_stages"} <= args
+            assert set(spec["constexprs"]) <= args
