@@ -103,7 +103,7 @@ setup(
     packages=packages,
     package_dir={"segvit.kernels": "kernels"},
     package_data={"segvit.configs": ["*.json"]},
-    install_requires=["torch>=2.4", "numpy", 'triton; platform_system=="Linux"', "tqdm"],
+    install_requires=["torch>=2.4", "numpy", 'triton; platform_system=="Linux"', "tqdm", "pillow"],
     extras_require={"test": ["pytest"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -7,10 +7,11 @@
 """
 __version__ = "0.1.0"
 
-from segvit import ops
+from segvit import metrics, ops
 from segvit.checkpoint import load_checkpoint
 from segvit.loss import SegViTLoss
 from segvit.models import SegViT, build_model, list_models, published_config
+from segvit.pretrained import load_pretrained_backbone
 
 
 def apply_fused_kernels(model):
@@ -21,5 +22,5 @@ def apply_fused_kernels(model):
     return model
 
 
-__all__ = ["SegViT", "SegViTLoss", "apply_fused_kernels", "build_model", "list_models", "load_checkpoint", "ops",
-           "published_config"]
+__all__ = ["SegViT", "SegViTLoss", "apply_fused_kernels", "build_model", "list_models", "load_checkpoint",
+           "load_pretrained_backbone", "metrics", "ops", "published_config"]

@@ -48,7 +48,7 @@ class SegDataset(torch.utils.data.Dataset):
     """Pairs ``img_dir/NAME + img_suffix`` with ``ann_dir/NAME + seg_suffix`` (from ``split`` if given, else
     every image found under img_dir, sorted). ``dataset[i]`` is ``(image, label, index)``: with a
     ``TrainPipeline``, the augmented (3, S, S) float tensor and (S, S) int64 label, drawing its randomness from
-    ``numpy.random.default_rng([seed, epoch, i])`` (``set_epoch`` as DistributedSampler); without one, the raw
+    ``numpy.random.default_rng([seed, epoch, i])`` (``dataset[(epoch, i)]``, or ``set_epoch``); without one, the raw
     uint8 RGB image and the (reduced) uint8 label."""
 
     img_suffix = ".jpg"
@@ -97,11 +97,13 @@ class SegDataset(torch.utils.data.Dataset):
             raise ValueError(f"{img_path}: image {img.shape[:2]} and label {label.shape} sizes differ")
         return img, reduce_zero_label(label) if self.reduce_zero_label else label
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        # (epoch, index) pairs come from the training sampler, so workers need no shared epoch state.
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         img, label = self.load(index)
         if self.pipeline is None:
             return img, label, index
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         img, label = self.pipeline(img, label, rng)
         return img, label, index
 

@@ -75,16 +75,17 @@ def write_synthetic_ade20k(root: str, num_train: int = 16, num_val: int = 4, num
     return root
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a synthetic dataset in the ADE20K layout.")
+    parser = argparse.ArgumentParser(prog="python -m segvit.data",
+                                     description="Write a synthetic dataset in the ADE20K layout.")
     parser.add_argument("root")
     parser.add_argument("--num-train", type=int, default=16)
     parser.add_argument("--num-val", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=4)
     parser.add_argument("--size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(write_synthetic_ade20k(args.root, args.num_train, args.num_val, args.num_classes, tuple(args.size),
                                  args.seed))
