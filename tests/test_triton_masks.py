@@ -138,3 +138,140 @@ def test_mask_classify_opcheck_and_compile(device):
                              fullgraph=True, backend="eager")
     assert_close(compiled(class_logits, mask_logits).cpu() / 2,
                  mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (11, 7)), F32_TOL, F32_TOL)
+
+
+# ------------------------------------------------------------------------------------------------------ mask_losses
+from segvit.kernels import mask_losses as ml_kernels  # noqa: E402
+
+# (B, K, h, w, Hl, Wl): ragged pixel tiles, downsampling, 1x1 logits, identity size, and a grid above one 16x16
+# low-resolution block in both directions (several backward programs per pair, shared border pixels).
+ML_SHAPES = [
+    (2, 5, 5, 7, 33, 17),
+    (1, 6, 9, 11, 4, 5),
+    (2, 3, 1, 1, 7, 9),
+    (1, 4, 6, 6, 6, 6),
+    (1, 4, 18, 17, 37, 23),
+]
+ML_F32 = dict(loss_rtol=1e-5, loss_atol=1e-7, grad_rel=1e-5)  # grad: atol = grad_rel * max |reference grad|
+
+
+@pytest.fixture(autouse=True)
+def poison_losses(monkeypatch):
+    monkeypatch.setattr(ml_kernels, "POISON_OUTPUTS", True)
+
+
+def ml_inputs(B, K, h, w, Hl, Wl, dtype, device, all_ignored_image=None):
+    logits = (torch.randn(B, K, h, w) * 2).to(dtype).to(device).requires_grad_()
+    labels = torch.randint(0, max(K - 1, 1), (B, Hl, Wl))  # the last class is absent everywhere
+    labels[torch.rand(B, Hl, Wl) < 0.2] = 255
+    if all_ignored_image is not None:
+        labels[all_ignored_image] = 255
+    return logits, labels.to(device)
+
+
+def ml_run(fn, logits, labels, g_focal, g_dice, **kw):
+    loss_focal, loss_dice, num_masks = fn(logits, labels, **kw)
+    (grad,) = torch.autograd.grad(loss_focal * g_focal + loss_dice * g_dice, logits)
+    return loss_focal, loss_dice, num_masks, grad
+
+
+def ml_reference(logits, labels, g_focal, g_dice, **kw):
+    ref = logits.detach().cpu().double().requires_grad_()
+    return ml_run(ml_ops.reference, ref, labels.cpu(), g_focal.double(), g_dice.double(), **kw)
+
+
+def ml_check(logits, labels, dtype, **kw):
+    g_focal, g_dice = torch.randn(()), torch.randn(())
+    out = ml_run(ml_kernels.mask_losses, logits, labels, g_focal.to(logits.device), g_dice.to(logits.device), **kw)
+    ref = ml_reference(logits, labels, g_focal, g_dice, **kw)
+    assert out[0].dtype == torch.float32 and out[2].dtype == torch.int64 and out[3].dtype == dtype
+    assert out[2].item() == ref[2].item()
+    grad = out[3].cpu()
+    assert torch.isfinite(grad).all(), "gradient not fully written (NaN poison left)"
+    scale = ref[3].abs().max().item()
+    if dtype == torch.float32:
+        for ours, theirs in zip(out[:2], ref[:2]):
+            assert_close(ours.cpu(), theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
+        assert_close(grad, ref[3], ML_F32["grad_rel"] * scale, 1e-4)
+    else:
+        eager = ml_run(ml_ops.eager, logits, labels, g_focal.to(logits.device), g_dice.to(logits.device), **kw)
+        for ours, theirs, base in zip(out[:2], ref[:2], eager[:2]):
+            assert max_err(ours.cpu(), theirs) <= HALF_EAGER_FACTOR * max_err(base.cpu(), theirs) + 1e-5
+        err, eager_err = max_err(grad, ref[3]), max_err(eager[3].cpu(), ref[3])
+        assert err <= HALF_EAGER_FACTOR * eager_err + 1e-3 * scale, (err, eager_err, scale)
+    return out
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ML_SHAPES, ids=lambda s: "B{}K{}_{}x{}to{}x{}".format(*s))
+def test_mask_losses_forward_backward_match_reference(shape, dtype, device):
+    logits, labels = ml_inputs(*shape, dtype, device)
+    ml_check(logits, labels, dtype)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("alpha, gamma", [(-1.0, 0.0), (0.6, 1.5), (0.25, 2.0)])
+def test_mask_losses_alpha_gamma_and_all_ignored_image(alpha, gamma, device):
+    logits, labels = ml_inputs(2, 5, 5, 7, 33, 17, torch.float32, device, all_ignored_image=1)
+    _, _, num_masks, grad = ml_check(logits, labels, torch.float32, alpha=alpha, gamma=gamma)
+    assert num_masks.item() == len(labels[0].unique()) - 1  # image 1 contributes no pair
+    assert (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_losses_all_ignored_batch(device):
+    logits = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    labels = torch.full((2, 9, 7), 255, device=device)
+    loss_focal, loss_dice, num_masks, grad = ml_run(ml_kernels.mask_losses, logits, labels, 1.0, 1.0)
+    assert loss_focal.item() == 0 and loss_dice.item() == 0 and num_masks.item() == 1
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_losses_backward_is_deterministic(device):
+    logits, labels = ml_inputs(1, 4, 18, 17, 37, 23, torch.float32, device)
+    first = ml_run(ml_kernels.mask_losses, logits, labels, 0.7, 1.3)
+    second = ml_run(ml_kernels.mask_losses, logits, labels, 0.7, 1.3)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_losses_dispatch_with_narrow_labels(device):
+    logits, labels = ml_inputs(2, 5, 5, 7, 13, 11, torch.float32, device)
+    labels = labels.to(torch.uint8)
+    with segvit.ops.use_backend("triton"):
+        out = segvit.ops.mask_losses(logits, labels)
+    ref = ml_ops.reference(logits.detach().cpu(), labels.cpu())
+    for ours, theirs in zip(out[:2], ref[:2]):
+        assert_close(ours.detach().cpu(), theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
+
+
+def test_mask_losses_reasons():
+    logits, labels = ml_inputs(1, 3, 4, 4, 5, 5, torch.float32, "cpu")
+    assert ml_ops._OP.why_not("triton", logits, labels, ignore_index=255, alpha=0.25, gamma=2.0) == []
+    assert any("float64" in r for r in ml_ops._OP.why_not("triton", logits.double(), labels))
+    if not HAS_CUDA:
+        assert any("bfloat16" in r for r in ml_ops._OP.why_not("triton", logits.bfloat16(), labels))
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_losses_opcheck_and_compile(device):
+    logits, labels = ml_inputs(2, 4, 5, 6, 11, 7, torch.float32, device)
+    torch.library.opcheck(torch.ops.segvit.triton_mask_losses.default, (logits, labels, 255, 0.25, 2.0))
+    _, _, num_masks, stats = torch.ops.segvit.triton_mask_losses(logits.detach(), labels, 255, 0.25, 2.0)
+    grads = (torch.tensor(0.5, device=device), torch.tensor(-1.5, device=device))
+    torch.library.opcheck(torch.ops.segvit.triton_mask_losses_backward.default,
+                          (*grads, logits.detach(), labels, stats, num_masks, 0.25, 2.0))
+
+    def loss(x, y):
+        focal, dice, _, _ = torch.ops.segvit.triton_mask_losses(x, y, 255, 0.25, 2.0)
+        return focal + 2 * dice
+
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    ours = compiled(logits, labels)
+    (grad,) = torch.autograd.grad(ours, logits)
+    ref = ml_reference(logits, labels, torch.tensor(1.0), torch.tensor(2.0))
+    assert_close(ours.detach().cpu(), ref[0] + 2 * ref[1], 1e-6, 1e-5)
+    assert_close(grad.cpu(), ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)

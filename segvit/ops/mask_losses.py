@@ -92,3 +92,20 @@ def reference(mask_logits, labels, **kwargs):
 
 
 _OP.register("eager", eager)
+
+
+def _triton(mask_logits, labels, **kwargs):
+    from segvit.kernels import mask_losses as kernels
+
+    return kernels.mask_losses(mask_logits, labels, **kwargs)
+
+
+def _triton_reasons(mask_logits, labels, **kwargs):
+    try:
+        from segvit.kernels import mask_losses as kernels
+    except ImportError as exc:
+        return [f"triton not importable: {exc}"]
+    return kernels.reasons(mask_logits, labels, **kwargs)
+
+
+_OP.register("triton", _triton, _triton_reasons)
