@@ -117,9 +117,7 @@ def main(argv=None) -> dict:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     cfg = load_config(args.config)
-    obj = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    model = segvit.build_model(cfg["model"])
-    segvit.load_checkpoint(model, obj)
+    model = segvit.build_model(cfg["model"], checkpoint=args.checkpoint)  # original, or segvit.train's "model"
     segvit.apply_fused_kernels(model).to(device)
     dataset = build_dataset(cfg, args.split, args.data)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]

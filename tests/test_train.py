@@ -230,3 +230,31 @@ def test_evaluate_slide_whole_and_aug_test_with_crops_smaller_than_the_window(sy
     expected = mean_iou([whole.argmax(0)], [torch.from_numpy(label)], num_classes=4)
     assert results["mIoU"] == pytest.approx(expected["mIoU"], nan_ok=True)
     torch.testing.assert_close(results["IoU"], expected["IoU"], equal_nan=True)
+
+
+def test_bf16_run_with_a_timm_pretrained_backbone(tmp_path, synthetic):
+    from segvit import train
+    from test_pretrained import timm_state_dict
+
+    timm = timm_state_dict(grid=24, dim=64, depth=4)  # a 384-px grid, resized to the tiny model's 4 x 4
+    timm = {k: v * 0.02 if v.dim() > 1 else v for k, v in timm.items()}
+    torch.save(timm, tmp_path / "vit_timm.pth")
+    train.main(["--config", TINY, "--data", synthetic, "--work-dir", str(tmp_path / "w"), "--iters", "2",
+                "--batch-size", "2", "--amp", "bf16", "--log-interval", "1", "--eval-interval", "0",
+                "--no-progress", "--pretrained", str(tmp_path / "vit_timm.pth")])
+    losses = [r["loss"] for r in _log(tmp_path / "w")]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    state = torch.load(tmp_path / "w" / "latest.pth", weights_only=True)["model"]
+    # Warm-up keeps the first two steps tiny (lr 2e-10, then 4e-5): the loaded weights are still there.
+    torch.testing.assert_close(state["backbone.blocks.3.attn.in_proj_weight"], timm["blocks.3.attn.qkv.weight"],
+                               rtol=0, atol=2e-3)
+
+
+def test_a_pretrained_url_is_never_downloaded():
+    from segvit.train import _pretrained
+
+    cfg = segvit.published_config("segvit_vit-l16_ade20k_640")
+    with pytest.warns(UserWarning, match="downloads nothing"):
+        assert _pretrained(cfg, None) is None
+    with pytest.raises(FileNotFoundError, match="--pretrained"):
+        _pretrained(cfg, "/nonexistent/vit.pth")
