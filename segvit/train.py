@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", required=True, help="published model name or JSON config file")
     parser.add_argument("--data", required=True, help="dataset root (for ADE20K: the ADEChallengeData2016 folder)")
     parser.add_argument("--work-dir", required=True)
-    parser.add_argument("--iters", type=int, default=None, help="default: the config's runner.max_iters")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="default: the config's runner.max_iters; the poly schedule ends here")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; default samples_per_gpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default fp32)")
     parser.add_argument("--resume", default=None, help="a checkpoint of this script (.pth) to continue from")

@@ -5,8 +5,10 @@ from the ``numpy.random.Generator`` passed in, so a sample's augmentation depend
 training loop seeds it per (seed, epoch, index): the same data whatever the number of workers or processes).
 
 Resizing follows cv2 as mmcv calls it: bilinear with half-pixel centres and no anti-aliasing for images
-(``torch.nn.functional.interpolate(..., align_corners=False)``, rounded back to uint8), nearest with
-``floor(dst * in / out)`` for labels (torch's ``nearest``, the same rule as cv2's INTER_NEAREST).
+(``torch.nn.functional.interpolate(..., align_corners=False)``, rounded back to uint8; cv2's fixed-point
+arithmetic can differ by one grey level), nearest with ``floor(dst * in / out)`` for labels (torch's ``nearest``,
+the same rule as cv2's INTER_NEAREST). The HSV steps use cv2's uint8 units with float rounding (not verified
+against cv2 here: cv2 is not a dependency).
 """
 from __future__ import annotations
 
