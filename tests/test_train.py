@@ -86,7 +86,17 @@ def test_poly_schedule_with_linear_warmup_by_hand():
 # -- the drop-in switch ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("head", ["ATMHead", "TPNATMHead"])
-def test_apply_fused_kernels_keeps_outputs_and_gradients(head):
+def test_apply_fused_kernels_keeps_outputs_and_gradients(head, monkeypatch):
+    from segvit.ops import _dispatch
+
+    used = set()  # (op, backend) of every non-eager kernel that ran, so the comparison is not eager vs eager
+    for name, op in _dispatch.OPS.items():
+        for backend, kernel in op.kernels.items():
+            if backend != "eager":
+                def recording(*args, _fn=kernel.fn, _key=(name, backend), **kwargs):
+                    used.add(_key)
+                    return _fn(*args, **kwargs)
+                monkeypatch.setattr(kernel, "fn", recording)
     model = segvit.build_model(tiny_config(head=head, img_size=48, num_classes=5)).eval()
     images = torch.randn(2, 3, 48, 80)  # non-square: a 3 x 5 token grid
     labels = torch.randint(0, 5, (2, 48, 80))
@@ -104,11 +114,14 @@ def test_apply_fused_kernels_keeps_outputs_and_gradients(head):
     try:
         with segvit.ops.use_backend("eager"):
             ref = run()
+        assert not used
         assert segvit.apply_fused_kernels(model) is model
         assert segvit.ops.get_backend() == "auto"
         fused = run()
     finally:
         segvit.ops.use_backend("auto")
+    if segvit.ops.available_backends()["cpp"] == "available":
+        assert ("mask_classify", "cpp") in used  # at least inference runs a fused kernel on this machine
     torch.testing.assert_close(fused[0]["pred_masks"], ref[0]["pred_masks"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused[0]["pred_logits"], ref[0]["pred_logits"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
