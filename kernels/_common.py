@@ -44,6 +44,12 @@ def device_reasons(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+def index_reasons(**sizes: int) -> list[str]:
+    """The kernels index within a tensor with int32 offsets (Triton's type for int arguments below 2**31)."""
+    return [f"{name} has {n} elements, more than the kernels' int32 indexing allows (2**31 - 1)"
+            for name, n in sizes.items() if n >= 2 ** 31]
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     # tl.dot needs every dimension >= 16; tl.arange needs a power of 2.
     return max(minimum, 1 << (int(n) - 1).bit_length())

@@ -37,23 +37,60 @@ from segvit.kernels._common import tl, triton
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for A100 (sm_80, 164 KiB smem) and H100 (sm_90, 228 KiB).
-FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in [
-    (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3)]]
-BWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in [
-    (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (32, 128, 8, 2)]]
+def _configs(rows):
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in rows]
+
+
+# Autotune configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for A100 (sm_80) and H100 (sm_90), by
+# (dtype group, head-dim class). float32 dots run as exact fp32 FMA, which needs about twice the registers of a
+# tensor-core dot: larger or pipelined float32 tiles spill (see the compile report). Every listed config compiles
+# without spills for the largest BLOCK_D of its class (64, 128), for both dtypes of its group.
+FWD_CONFIGS = {
+    ("16", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3)]),
+    ("16", 128): _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]),
+    ("32", 64): _configs([(32, 32, 4, 1), (64, 32, 8, 1)]),
+    ("32", 128): _configs([(32, 32, 4, 1), (16, 32, 4, 1)]),
+}
+DKDV_CONFIGS = {
+    ("16", 64): _configs([(64, 32, 4, 2), (32, 64, 8, 2)]),
+    ("16", 128): _configs([(64, 32, 8, 2), (32, 64, 8, 2)]),
+    ("32", 64): _configs([(32, 32, 4, 1), (32, 64, 8, 1)]),
+    ("32", 128): _configs([(16, 32, 4, 1), (32, 32, 8, 1)]),
+}
+DQ_CONFIGS = {
+    ("16", 64): _configs([(32, 64, 4, 2), (64, 32, 4, 2)]),
+    ("16", 128): _configs([(32, 64, 4, 2), (64, 32, 8, 2)]),
+    ("32", 64): _configs([(32, 32, 4, 1)]),
+    ("32", 128): _configs([(16, 32, 4, 1), (32, 32, 8, 1)]),
+}
+GROUP_DTYPES = {"16": ["fp16", "bf16"], "32": ["fp32"]}
 # Under the interpreter: small blocks, so the tests' sizes (7, 13, 19 ...) have ragged tails and several blocks.
 SINGLE = dict(BLOCK_M=16, BLOCK_N=16)
 
 
-def _fits(block_m: int, block_n: int, block_d: int) -> bool:
-    # With D = 128 a 128 x 128 tile holds 128 x 128 fp32 scores next to a 128 x 128 accumulator: register spills.
-    return block_d < 128 or block_m * block_n <= 64 * 128
+def _group(dtype) -> str:
+    return "32" if dtype == torch.float32 else "16"
 
 
-def _prune(configs, named_args, **kwargs):
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    return [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d)]
+def _pruner(table, pointer="Q", head_dim=lambda kwargs: 64 if kwargs["BLOCK_D"] <= 64 else 128):
+    """Keep the configs of the call's (dtype group, head-dim class) row of ``table``."""
+    def prune(configs, named_args, **kwargs):
+        row = table[(_group(named_args[pointer].dtype), head_dim(kwargs))]
+        wanted = {tuple(sorted(c.items())) for c in row}
+        return [c for c in configs
+                if tuple(sorted(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages).items())) in wanted]
+    return prune
+
+
+def _all(table) -> list[dict]:
+    seen, out = set(), []
+    for row in table.values():
+        for c in row:
+            key = tuple(sorted(c.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
 
 
 if triton is not None:
@@ -212,9 +249,10 @@ if triton is not None:
                  (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
     _KEY = ["Nq", "Nk", "BLOCK_D", "DROPOUT"]
-    _fwd = _common.autotune(FWD_CONFIGS, SINGLE, _KEY, _prune)(_attn_fwd)
-    _bwd_dkdv = _common.autotune(BWD_CONFIGS, SINGLE, _KEY + ["HAS_DSIM"], _prune)(_attn_bwd_dkdv)
-    _bwd_dq = _common.autotune(BWD_CONFIGS, SINGLE, _KEY + ["HAS_DSIM"], _prune)(_attn_bwd_dq)
+    _fwd = _common.autotune(_all(FWD_CONFIGS), SINGLE, _KEY, _pruner(FWD_CONFIGS))(_attn_fwd)
+    _bwd_dkdv = _common.autotune(_all(DKDV_CONFIGS), SINGLE, _KEY + ["HAS_DSIM"],
+                                 _pruner(DKDV_CONFIGS))(_attn_bwd_dkdv)
+    _bwd_dq = _common.autotune(_all(DQ_CONFIGS), SINGLE, _KEY + ["HAS_DSIM"], _pruner(DQ_CONFIGS))(_attn_bwd_dq)
 
 
 def _s(t: torch.Tensor):
@@ -333,6 +371,7 @@ def reasons(q, k, v, *, scale, dropout_p) -> list[str]:
     found = _common.device_reasons(q)
     if q.shape[3] > MAX_HEAD_DIM:
         found.append(f"head dim D = {q.shape[3]} > {MAX_HEAD_DIM}")
+    found += _common.index_reasons(q=q.numel(), k=k.numel(), sim=q.shape[0] * q.shape[1] * k.shape[1])
     return found
 
 
@@ -342,7 +381,6 @@ def _specs():
     if triton is None:
         return []
     strides = {n: "i32" for n in ("sqb", "sqm", "sqh", "skb", "skn", "skh", "svb", "svn", "svh")}
-    dtypes = ["fp32", "fp16", "bf16"]
     specs = []
     fwd_sig = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", LSE="*fp32", seed="i32", qk_scale="fp32",
                    dropout_p="fp32", Nq="i32", Nk="i32", H="i32", D="i32", **strides, sob="i32", som="i32",
@@ -356,18 +394,18 @@ def _specs():
                     sdvb="i32", sdvn="i32", sdvh="i32", **{c: "constexpr" for c in consts})
     dq_sig = dict(**bwd_common, DQ="*{dtype}", **bwd_tail, sdqb="i32", sdqm="i32", sdqh="i32",
                   **{c: "constexpr" for c in consts})
-    # ViT-L 640 decoder: D = 32 (C 512 / 16 heads); D = 128 is the largest head dim the op accepts.
-    for name, fn, sig, configs, extra in [("atm_attention.fwd", _attn_fwd, fwd_sig, FWD_CONFIGS, {}),
-                                          ("atm_attention.bwd_dkdv", _attn_bwd_dkdv, dkdv_sig, BWD_CONFIGS,
-                                           {"HAS_DSIM": True}),
-                                          ("atm_attention.bwd_dq", _attn_bwd_dq, dq_sig, BWD_CONFIGS,
-                                           {"HAS_DSIM": True})]:
-        for block_d in (32, 128):
-            for dropout in (False, True):
-                constexprs = dict(BLOCK_D=block_d, DROPOUT=dropout, **extra)
-                kept = [c for c in configs if _fits(c["BLOCK_M"], c["BLOCK_N"], block_d)]
-                specs.append(dict(name=f"{name}[D={block_d},dropout={int(dropout)}]", fn=fn, signature=sig,
-                                  constexprs=constexprs, configs=kept, dtypes=dtypes))
+    # Each (dtype group, head-dim class) compiles at the class's largest BLOCK_D (64: ViT-L's 32 and the Shrunk
+    # backbone's 64; 128: the largest head dim the op accepts) with dropout and the dSim term on, the superset of
+    # the code the other specializations compile.
+    for name, fn, sig, table in [("atm_attention.fwd", _attn_fwd, fwd_sig, FWD_CONFIGS),
+                                 ("atm_attention.bwd_dkdv", _attn_bwd_dkdv, dkdv_sig, DKDV_CONFIGS),
+                                 ("atm_attention.bwd_dq", _attn_bwd_dq, dq_sig, DQ_CONFIGS)]:
+        for (group, block_d), configs in table.items():
+            constexprs = dict(BLOCK_D=block_d, DROPOUT=True)
+            if fn is not _attn_fwd:
+                constexprs["HAS_DSIM"] = True
+            specs.append(dict(name=f"{name}[D<={block_d}]", fn=fn, signature=sig, constexprs=constexprs,
+                              configs=configs, dtypes=GROUP_DTYPES[group], tensor_cores=group == "16"))
     return specs
 
 

@@ -23,8 +23,14 @@ from segvit.kernels import _common
 from segvit.kernels import atm_attention as _attn
 from segvit.kernels._common import tl, triton
 
-PROJ_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in [
-    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]]
+# Autotune configurations (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for A100 / H100 by dtype group; the
+# float32 (exact FMA) dot needs smaller tiles. Every listed config compiles without spills (compile report).
+PROJ_CONFIGS = {
+    ("16", 0): [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in [
+        (64, 64, 32, 4, 3), (128, 128, 32, 8, 3)]],
+    ("32", 0): [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in [
+        (32, 32, 32, 4, 2), (64, 64, 32, 8, 2), (64, 64, 16, 4, 2)]],
+}
 PROJ_SINGLE = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
 
 if triton is not None:
@@ -55,7 +61,8 @@ if triton is not None:
         out = OUT + b.to(tl.int64) * Lp * C + offs_i.to(tl.int64)[:, None] * C + offs_n[None, :]
         tl.store(out, acc.to(OUT.dtype.element_ty), mask=i_ok[:, None] & n_ok[None, :])
 
-    _proj = _common.autotune(PROJ_CONFIGS, PROJ_SINGLE, ["Lp", "C"])(_gather_proj)
+    _proj = _common.autotune(_attn._all(PROJ_CONFIGS), PROJ_SINGLE, ["Lp", "C"],
+                             _attn._pruner(PROJ_CONFIGS, "X", lambda kwargs: 0))(_gather_proj)
 
 
 def _pooled(grid, stride):
@@ -75,7 +82,9 @@ def _qp_op(x: torch.Tensor, grid: list[int], in_proj_weight: torch.Tensor, in_pr
     ghp, gwp = _pooled(grid, stride)
     lp = ghp * gwp
     q = _common.empty(batch, lp, channels, dtype=x.dtype, device=x.device)
-    meta_grid = lambda meta: (triton.cdiv(lp, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_N"]), batch)  # noqa: E731
+    def meta_grid(meta):
+        return triton.cdiv(lp, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_N"]), batch
+
     _proj[meta_grid](x, w, bias, q, lp, channels, grid[1], gwp, stride, x.stride(0), x.stride(1),
                      **_proj.single_config)
     kv = torch.addmm(bias[channels:], x.view(batch * length, channels), w[channels:].t()).view(batch, length,
@@ -154,6 +163,7 @@ def reasons(x, grid, in_proj_weight, in_proj_bias, num_heads, *, stride=2) -> li
     head_dim = x.shape[2] // num_heads
     if head_dim > _attn.MAX_HEAD_DIM:
         found.append(f"head dim C / num_heads = {head_dim} > {_attn.MAX_HEAD_DIM}")
+    found += _common.index_reasons(kv=2 * x.numel(), in_proj_weight=in_proj_weight.numel())
     return found
 
 
@@ -166,7 +176,8 @@ def _specs():
                gwp="i32", stride="i32", sxb="i32", sxl="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
                BLOCK_K="constexpr")
     return [dict(name="query_pool_attention.gather_proj", fn=_gather_proj, signature=sig, constexprs={},
-                 configs=PROJ_CONFIGS, dtypes=["fp32", "fp16", "bf16"])]
+                 configs=configs, dtypes=_attn.GROUP_DTYPES[group], tensor_cores=group == "16")
+            for (group, _), configs in PROJ_CONFIGS.items()]
 
 
 COMPILE_SPECS = _specs()

@@ -258,14 +258,36 @@ def test_query_pool_attention_opcheck(device):
     torch.library.opcheck(torch.ops.segvit.triton_query_pool_attention_backward.default, args)
 
 
-def test_compile_specs_cover_every_kernel_and_config():
+def test_compile_specs_cover_every_kernel_config_and_dtype():
     specs = atm_kernels.COMPILE_SPECS + qp_kernels.COMPILE_SPECS
-    fns = {s["fn"] for s in specs}
-    assert fns == {atm_kernels._attn_fwd, atm_kernels._attn_bwd_dkdv, atm_kernels._attn_bwd_dq,
-                   qp_kernels._gather_proj}
-    for spec in specs:
-        assert spec["configs"] and set(spec["dtypes"]) == {"fp32", "fp16", "bf16"}
-        for config in spec["configs"]:
+    assert {s["fn"] for s in specs} == {atm_kernels._attn_fwd, atm_kernels._attn_bwd_dkdv, atm_kernels._attn_bwd_dq,
+                                        qp_kernels._gather_proj}
+    for fn, table in [(atm_kernels._attn_fwd, atm_kernels.FWD_CONFIGS),
+                      (atm_kernels._attn_bwd_dkdv, atm_kernels.DKDV_CONFIGS),
+                      (atm_kernels._attn_bwd_dq, atm_kernels.DQ_CONFIGS), (qp_kernels._gather_proj,
+                                                                          qp_kernels.PROJ_CONFIGS)]:
+        mine = [s for s in specs if s["fn"] is fn]
+        # every row of the autotune table is compiled, for every dtype the kernel takes
+        assert sorted(map(str, (s["configs"] for s in mine))) == sorted(map(str, table.values()))
+        assert sorted(d for s in mine for d in s["dtypes"]) == sorted(["fp32", "fp16", "bf16"] * (len(mine) // 2))
+        for spec in mine:
             args = set(spec["signature"])
-            assert set(config) - {"num_warps", "num_stages"} <= args
+            assert all(set(c) - {"num_warps", "num_stages"} <= args for c in spec["configs"])
             assert set(spec["constexprs"]) <= args
+
+
+@pytest.mark.parametrize("table", ["FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS", "PROJ_CONFIGS"])
+def test_autotune_pruning_keeps_the_row_of_the_dtype_and_head_dim(table):
+    # The pruner runs only under triton.autotune (GPU); check it on triton.Config objects directly.
+    import triton
+
+    proj = table == "PROJ_CONFIGS"
+    rows = getattr(qp_kernels if proj else atm_kernels, table)
+    configs = [triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in atm_kernels._all(rows)]
+    prune = atm_kernels._pruner(rows, "X", lambda kw: 0) if proj else atm_kernels._pruner(rows)
+    for dtype, group in [(torch.float16, "16"), (torch.bfloat16, "16"), (torch.float32, "32")]:
+        for block_d, cls in [(0, 0)] if proj else [(16, 64), (64, 64), (128, 128)]:
+            kept = prune(configs, {"Q" if not proj else "X": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d)
+            kept = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
+            assert sorted(map(str, kept)) == sorted(map(str, rows[(group, cls)]))
