@@ -140,13 +140,15 @@ def main(argv=None) -> dict:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         rank = dist.get_rank()
     main_process = rank == 0
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as the original configs (the patch-embedding conv)
     torch.manual_seed(args.seed)  # the same initial weights on every process (DDP also broadcasts them)
 
     cfg = load_config(args.config)
     os.makedirs(args.work_dir, exist_ok=True)
     model = segvit.build_model(cfg["model"])
-    pretrained = _pretrained(cfg, args.pretrained)
-    if pretrained and not args.resume:
+    pretrained = None if args.resume else _pretrained(cfg, args.pretrained)
+    if pretrained:
         ignored = load_pretrained_backbone(model, pretrained)
         if main_process:
             print(f"loaded pretrained backbone {pretrained} ({len(ignored)} checkpoint keys unused)")
