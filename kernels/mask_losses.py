@@ -79,9 +79,13 @@ if triton is not None:
     @triton.jit
     def _pixel_terms(p, t, alpha, gamma):
         """s, 1 - s, ce, q = 1 - p_t, a_t, a_t q^gamma of logits p and float targets t (0/1)."""
-        s = tl.sigmoid(p)
-        s_neg = tl.sigmoid(-p)  # 1 - s without cancellation for large p
-        ce = tl.maximum(p, 0.0) - p * t + tl.log(1.0 + tl.exp(-tl.abs(p)))
+        # One exp and one reciprocal give s, 1 - s (without cancellation for large p) and softplus: the kernel is
+        # bound by the special-function units, not memory.
+        e = tl.exp(-tl.abs(p))
+        r = 1.0 / (1.0 + e)
+        s = tl.where(p >= 0, r, e * r)
+        s_neg = tl.where(p >= 0, e * r, r)
+        ce = tl.maximum(p, 0.0) - p * t + tl.log(1.0 + e)
         q = tl.where(t > 0, s_neg, s)
         a_t = tl.where(alpha >= 0, tl.where(t > 0, alpha, 1.0 - alpha), 1.0)
         return s, s_neg, ce, q, a_t, a_t * _pow(q, gamma)
