@@ -116,8 +116,9 @@ def test_mask_classify_dispatch_and_non_contiguous_inputs(device):
     assert_close(out.cpu(), mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (13, 11)), F32_TOL, F32_TOL)
 
 
-def test_mask_classify_reasons():
-    class_logits, mask_logits = mc_inputs(1, 3, 2, 4, 4, torch.float32, "cpu")
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_classify_reasons(device):
+    class_logits, mask_logits = mc_inputs(1, 3, 2, 4, 4, torch.float32, device)
     assert mc_ops._OP.why_not("triton", class_logits, mask_logits, (5, 5)) == []
     grad = mc_ops._OP.why_not("triton", class_logits.requires_grad_(), mask_logits, (5, 5))
     assert len(grad) == 1 and grad[0].startswith("forward only")
@@ -248,8 +249,9 @@ def test_mask_losses_dispatch_with_narrow_labels(device):
         assert_close(ours.detach().cpu(), theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
 
 
-def test_mask_losses_reasons():
-    logits, labels = ml_inputs(1, 3, 4, 4, 5, 5, torch.float32, "cpu")
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_losses_reasons(device):
+    logits, labels = ml_inputs(1, 3, 4, 4, 5, 5, torch.float32, device)
     assert ml_ops._OP.why_not("triton", logits, labels, ignore_index=255, alpha=0.25, gamma=2.0) == []
     assert any("float64" in r for r in ml_ops._OP.why_not("triton", logits.double(), labels))
     if not HAS_CUDA:
