@@ -239,14 +239,18 @@ def test_mask_losses_backward_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", [DEVICE])
-def test_mask_losses_dispatch_with_narrow_labels(device):
+def test_mask_losses_dispatch_narrow_labels_non_contiguous_logits(device):
     logits, labels = ml_inputs(2, 5, 5, 7, 13, 11, torch.float32, device)
     labels = labels.to(torch.uint8)
+    transposed = logits.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    assert not transposed.is_contiguous()
     with segvit.ops.use_backend("triton"):
-        out = segvit.ops.mask_losses(logits, labels)
-    ref = ml_ops.reference(logits.detach().cpu(), labels.cpu())
+        out = segvit.ops.mask_losses(transposed, labels)
+    (grad,) = torch.autograd.grad(out[0] + out[1], transposed)
+    ref = ml_reference(logits, labels, torch.tensor(1.0), torch.tensor(1.0))
     for ours, theirs in zip(out[:2], ref[:2]):
         assert_close(ours.detach().cpu(), theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
+    assert_close(grad.cpu(), ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
