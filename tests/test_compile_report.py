@@ -126,3 +126,23 @@ def test_markdown_table_and_readme_block(tmp_path):
     text = readme.read_text()
     assert text.count(report.BEGIN) == 1 and "TABLE2" in text and "TABLE1" not in text
     assert "other section" in text and text.index("intro") < text.index(report.BEGIN)
+
+
+def test_every_compile_spec_is_complete():
+    # What the CI report will compile, checked without compiling: each kernel argument typed or given a value.
+    pytest.importorskip("triton")
+    modules = report.kernel_modules()
+    names = {m.__name__.rsplit(".", 1)[-1] for m in modules}
+    assert {"mask_classify", "mask_losses"} <= names
+    for module in modules:
+        for spec in module.COMPILE_SPECS:
+            where = f"{module.__name__}:{spec.get('name')}"
+            assert {"name", "fn", "signature", "constexprs", "configs", "dtypes"} <= spec.keys(), where
+            assert spec["configs"] and set(spec["dtypes"]) <= {"fp32", "fp16", "bf16"}, where
+            for config in spec["configs"]:
+                assert {"num_warps", "num_stages"} <= config.keys(), where
+                given = set(spec["signature"]) | set(spec["constexprs"]) | set(config) - {"num_warps", "num_stages"}
+                missing = [a for a in spec["fn"].arg_names if a not in given]
+                assert not missing, f"{where}: arguments without type or value: {missing}"
+                unknown = given - set(spec["fn"].arg_names)
+                assert not unknown, f"{where}: names that are not kernel arguments: {unknown}"
