@@ -70,6 +70,3 @@ def autotune(configs: list[dict], single: dict, key: list[str], prune=None):
         return tuned
     return wrap
 
-
-def dtype_str(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

@@ -7,6 +7,9 @@ for outputs where both errors are at rounding level (FLOOR). bfloat16 runs only 
 interpreter computes bfloat16 dots wrongly (triton issues 11584, 11604).
 """
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,7 +202,7 @@ def test_atm_attention_opcheck(device):
 def test_atm_attention_reasons():
     ok = torch.randn(1, 2, 1, 8)
     found = atm_kernels.reasons(ok, ok, ok, scale=1.0, dropout_p=0.0)
-    assert found == [] if _common.INTERPRET else "not CUDA" in found[0]
+    assert (found == []) if _common.INTERPRET else ("not CUDA" in found[0])
     wide = torch.randn(1, 2, 1, 129, dtype=torch.float64)
     found = " ".join(atm_kernels.reasons(wide, wide, wide, scale=1.0, dropout_p=0.0))
     assert "dtype torch.float64 not supported" in found and "head dim D = 129 > 128" in found
@@ -291,3 +294,16 @@ def test_autotune_pruning_keeps_the_row_of_the_dtype_and_head_dim(table):
             kept = prune(configs, {"Q" if not proj else "X": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d)
             kept = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
             assert sorted(map(str, kept)) == sorted(map(str, rows[(group, cls)]))
+
+
+def test_gpu_import_path_builds_the_autotuners():
+    # Without the interpreter (the GPU path) every kernel is wrapped by triton.autotune over its whole table.
+    code = ("import triton, segvit.kernels.atm_attention as a, segvit.kernels.query_pool_attention as q\n"
+            "for k, t in [(a._fwd, a.FWD_CONFIGS), (a._bwd_dkdv, a.DKDV_CONFIGS), (a._bwd_dq, a.DQ_CONFIGS),"
+            " (q._proj, q.PROJ_CONFIGS)]:\n"
+            "    assert isinstance(k, triton.runtime.Autotuner) and len(k.configs) == len(a._all(t)), k\n"
+            "    assert k.single_config == {}\n"
+            "print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
