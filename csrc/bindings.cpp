@@ -4,15 +4,34 @@
 #include <torch/library.h>
 
 #include "cpu/mask_classify.h"
+#include "cpu/mask_losses.h"
+#ifdef SEGVIT_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 // Op schemas. Fake (meta) kernels are registered from Python (segvit/_extension.py) with torch.library.register_fake.
 TORCH_LIBRARY(segvit, m) {
   m.def("mask_classify(Tensor class_logits, Tensor mask_logits, SymInt[2] out_size) -> Tensor");
+  // mask_losses: per-(image, class) stats (B, K, 4) float64 = [sum focal, sum sigmoid*t, sum sigmoid, sum t] of the
+  // present classes (csrc/cpu/mask_losses.h); segvit/ops/mask_losses.py turns them into the losses.
+  m.def("mask_loss_stats(Tensor mask_logits, Tensor labels, int ignore_index, float alpha, float gamma) -> Tensor");
+  m.def("mask_loss_stats_backward(Tensor grad_stats, Tensor mask_logits, Tensor labels, Tensor stats, "
+        "int ignore_index, float alpha, float gamma) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(segvit, CPU, m) {
   m.impl("mask_classify", &segvit::cpu::mask_classify);
+  m.impl("mask_loss_stats", &segvit::cpu::mask_loss_stats);
+  m.impl("mask_loss_stats_backward", &segvit::cpu::mask_loss_stats_backward);
 }
+
+#ifdef SEGVIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(segvit, CUDA, m) {
+  m.impl("mask_classify", &segvit::cuda::mask_classify);
+  m.impl("mask_loss_stats", &segvit::cuda::mask_loss_stats);
+  m.impl("mask_loss_stats_backward", &segvit::cuda::mask_loss_stats_backward);
+}
+#endif
 
 #define SEGVIT_STRINGIFY_(x) #x
 #define SEGVIT_STRINGIFY(x) SEGVIT_STRINGIFY_(x)

@@ -66,3 +66,26 @@ def _register_fakes() -> None:
         torch._check(len(out_size) == 2, lambda: f"out_size must be two ints (Hout, Wout), got {out_size}")
         batch, classes = class_logits.shape[0], class_logits.shape[2] - 1
         return mask_logits.new_empty((batch, classes, out_size[0], out_size[1]))
+
+    @torch.library.register_fake("segvit::mask_loss_stats")
+    def _mask_loss_stats_fake(mask_logits, labels, ignore_index, alpha, gamma):
+        torch._check(mask_logits.dim() == 4, lambda: f"mask_logits must be 4-D (B, K, h, w), got {mask_logits.dim()}-D")
+        torch._check(labels.dim() == 3, lambda: f"labels must be 3-D (B, Hl, Wl), got {labels.dim()}-D")
+        return mask_logits.new_empty((mask_logits.shape[0], mask_logits.shape[1], 4), dtype=torch.float64)
+
+    @torch.library.register_fake("segvit::mask_loss_stats_backward")
+    def _mask_loss_stats_backward_fake(grad_stats, mask_logits, labels, stats, ignore_index, alpha, gamma):
+        return torch.empty_like(mask_logits, memory_format=torch.contiguous_format)
+
+    def _mask_loss_stats_setup(ctx, inputs, output):
+        mask_logits, labels, ctx.ignore_index, ctx.alpha, ctx.gamma = inputs
+        ctx.save_for_backward(mask_logits, labels, output)
+
+    def _mask_loss_stats_grad(ctx, grad_stats):
+        mask_logits, labels, stats = ctx.saved_tensors
+        grad = torch.ops.segvit.mask_loss_stats_backward(grad_stats, mask_logits, labels, stats, ctx.ignore_index,
+                                                         ctx.alpha, ctx.gamma)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd("segvit::mask_loss_stats", _mask_loss_stats_grad,
+                                    setup_context=_mask_loss_stats_setup)

@@ -86,3 +86,23 @@ def _triton_reasons(class_logits, mask_logits, out_size):
 
 
 _OP.register("triton", _triton, _triton_reasons)
+
+
+def _cuda_reasons(class_logits, mask_logits, out_size):
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    if not _extension.has_cuda_kernels():
+        return ["extension built without CUDA kernels (CPU build of torch, no nvcc, or SEGVIT_SKIP_CUDA=1)"]
+    reasons = []
+    if class_logits.device.type != "cuda":
+        reasons.append(f"cuda runs on CUDA tensors, got {class_logits.device}")
+    if class_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"cuda takes float32, float16 or bfloat16, got {class_logits.dtype}")
+    if torch.is_grad_enabled() and (class_logits.requires_grad or mask_logits.requires_grad):
+        reasons.append("forward only: inputs require grad")
+    return reasons
+
+
+# The extension's op dispatches on the device: the same call runs the CUDA kernel on CUDA tensors.
+_OP.register("cuda", _cpp, _cuda_reasons)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segvit import _extension
 from segvit.ops import _checks
 from segvit.ops._dispatch import op
 
@@ -92,6 +93,54 @@ def reference(mask_logits, labels, **kwargs):
 
 
 _OP.register("eager", eager)
+
+
+def losses_from_stats(stats: torch.Tensor, n_pixels: int):
+    """The losses from the per-(image, class) sums [focal, sigmoid * t, sigmoid, t] (B, K, 4) of the compiled kernels
+    (rows of absent classes are zero). A few (B, K)-sized ops, differentiable, so autograd carries the dice chain
+    rule back to the kernel's stats."""
+    present = stats[..., 3] > 0
+    num_masks = present.sum().clamp(min=1)
+    loss_focal = stats[..., 0].sum() / n_pixels / num_masks
+    dice_terms = 1 - (2 * stats[..., 1] + 1) / (stats[..., 2] + stats[..., 3] + 1)
+    loss_dice = torch.where(present, dice_terms, 0.0).sum() / num_masks
+    return loss_focal.float(), loss_dice.float(), num_masks
+
+
+def _compiled(mask_logits, labels, *, ignore_index=255, alpha=0.25, gamma=2.0):
+    # The same op serves the cpp (CPU) and cuda (CUDA) backends: the dispatcher picks the kernel by device.
+    stats = torch.ops.segvit.mask_loss_stats(mask_logits, labels.long(), int(ignore_index), float(alpha), float(gamma))
+    return losses_from_stats(stats, labels.shape[-2] * labels.shape[-1])
+
+
+def _cpp_reasons(mask_logits, labels, **kwargs):
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    reasons = []
+    if mask_logits.device.type != "cpu":
+        reasons.append(f"cpp runs on CPU tensors, got {mask_logits.device}")
+    if mask_logits.dtype not in (torch.float32, torch.bfloat16):
+        reasons.append(f"cpp takes float32 or bfloat16 mask_logits, got {mask_logits.dtype}")
+    return reasons
+
+
+def _cuda_reasons(mask_logits, labels, **kwargs):
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    if not _extension.has_cuda_kernels():
+        return ["extension built without CUDA kernels (CPU build of torch, no nvcc, or SEGVIT_SKIP_CUDA=1)"]
+    reasons = []
+    if mask_logits.device.type != "cuda":
+        reasons.append(f"cuda runs on CUDA tensors, got {mask_logits.device}")
+    if mask_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"cuda takes float32, float16 or bfloat16 mask_logits, got {mask_logits.dtype}")
+    return reasons
+
+
+_OP.register("cpp", _compiled, _cpp_reasons)
+_OP.register("cuda", _compiled, _cuda_reasons)
 
 
 def _triton(mask_logits, labels, **kwargs):
