@@ -8,6 +8,7 @@
 #ifdef SEGVIT_WITH_CUDA
 #include "cuda/kernels.h"
 #endif
+#include "cpu/attention.h"
 
 // Op schemas. Fake (meta) kernels are registered from Python (segvit/_extension.py) with torch.library.register_fake.
 TORCH_LIBRARY(segvit, m) {
@@ -17,12 +18,25 @@ TORCH_LIBRARY(segvit, m) {
   m.def("mask_loss_stats(Tensor mask_logits, Tensor labels, int ignore_index, float alpha, float gamma) -> Tensor");
   m.def("mask_loss_stats_backward(Tensor grad_stats, Tensor mask_logits, Tensor labels, Tensor stats, "
         "int ignore_index, float alpha, float gamma) -> Tensor");
+  // atm_attention: (out, sim, lse); lse (B, H, Nq) float32 is saved for the backward.
+  m.def("atm_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("atm_attention_bwd(Tensor grad_out, Tensor grad_sim, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+  // query_pool_attention: (out, q, kv, lse); q (scaled), kv and lse are saved for the backward.
+  m.def("query_pool_attention_fwd(Tensor x, SymInt[2] grid, Tensor in_proj_weight, Tensor in_proj_bias, "
+        "int num_heads, int stride) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("query_pool_attention_bwd(Tensor grad_out, Tensor x, SymInt[2] grid, Tensor in_proj_weight, Tensor q, "
+        "Tensor kv, Tensor out, Tensor lse, int num_heads, int stride) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(segvit, CPU, m) {
   m.impl("mask_classify", &segvit::cpu::mask_classify);
   m.impl("mask_loss_stats", &segvit::cpu::mask_loss_stats);
   m.impl("mask_loss_stats_backward", &segvit::cpu::mask_loss_stats_backward);
+  m.impl("atm_attention_fwd", &segvit::cpu::atm_attention_forward);
+  m.impl("atm_attention_bwd", &segvit::cpu::atm_attention_backward);
+  m.impl("query_pool_attention_fwd", &segvit::cpu::query_pool_attention_forward);
+  m.impl("query_pool_attention_bwd", &segvit::cpu::query_pool_attention_backward);
 }
 
 #ifdef SEGVIT_WITH_CUDA

@@ -67,6 +67,36 @@ def _register_fakes() -> None:
         batch, classes = class_logits.shape[0], class_logits.shape[2] - 1
         return mask_logits.new_empty((batch, classes, out_size[0], out_size[1]))
 
+    @torch.library.register_fake("segvit::atm_attention_fwd")
+    def _atm_attention_fwd_fake(q, k, v, scale):
+        torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must be 4-D (B, N, H, D)")
+        batch, queries, heads, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((batch, queries, k.shape[1])), q.new_empty(
+            (batch, heads, queries), dtype=torch.float32)
+
+    @torch.library.register_fake("segvit::atm_attention_bwd")
+    def _atm_attention_bwd_fake(grad_out, grad_sim, q, k, v, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("segvit::query_pool_attention_fwd")
+    def _query_pool_attention_fwd_fake(x, grid, in_proj_weight, in_proj_bias, num_heads, stride):
+        torch._check(x.dim() == 3, lambda: f"x must be 3-D (B, L, C), got {x.dim()}-D")
+        batch, length, channels = x.shape
+        pooled = ((grid[0] + stride - 1) // stride) * ((grid[1] + stride - 1) // stride)
+        return (x.new_empty((batch, pooled, channels)), x.new_empty((batch, pooled, channels)),
+                x.new_empty((batch, length, 2 * channels)), x.new_empty((batch, num_heads, pooled), dtype=torch.float32))
+
+    @torch.library.register_fake("segvit::query_pool_attention_bwd")
+    def _query_pool_attention_bwd_fake(grad_out, x, grid, in_proj_weight, q, kv, out, lse, num_heads, stride):
+        return x.new_empty(x.shape), in_proj_weight.new_empty(in_proj_weight.shape), in_proj_weight.new_empty(
+            (in_proj_weight.shape[0],))
+
+    # Autograd formulas of the attention ops live next to their Python wrappers.
+    import importlib
+
+    for name in ("segvit.ops.atm_attention", "segvit.ops.query_pool_attention"):
+        importlib.import_module(name).register_cpp_autograd()
+
     @torch.library.register_fake("segvit::mask_loss_stats")
     def _mask_loss_stats_fake(mask_logits, labels, ignore_index, alpha, gamma):
         torch._check(mask_logits.dim() == 4, lambda: f"mask_logits must be 4-D (B, K, h, w), got {mask_logits.dim()}-D")

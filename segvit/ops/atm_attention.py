@@ -66,3 +66,53 @@ _OP.register("eager", eager)
 from segvit.kernels import atm_attention as _triton  # noqa: E402
 
 _OP.register("triton", _triton.atm_attention, _triton.reasons)
+
+# C++ CPU kernel (csrc/cpu/atm_attention.cpp). The op returns (out, sim, lse); the log-sum-exp (B, H, Nq) is what
+# its backward op needs to recompute the probabilities tile by tile.
+from segvit import _extension  # noqa: E402
+
+
+def register_cpp_autograd():
+    """Registers the autograd formula of torch.ops.segvit.atm_attention_fwd; called by segvit._extension right
+    after the extension loads, so it is in place before any call, compiled or not."""
+    torch.library.register_autograd("segvit::atm_attention_fwd", _cpp_backward, setup_context=_cpp_setup_context)
+
+
+def _cpp_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, sim, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _cpp_backward(ctx, grad_out, grad_sim, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_sim is None:
+        grad_sim = q.new_zeros((q.shape[0], q.shape[1], k.shape[1]))
+    grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale)
+    return grad_q, grad_k, grad_v, None
+
+
+def _cpp(q, k, v, *, scale, dropout_p):
+    out, sim, _ = torch.ops.segvit.atm_attention_fwd(q, k, v, scale)
+    return out, sim
+
+
+def _cpp_reasons(q, k, v, *, scale, dropout_p):
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    reasons = []
+    if q.device.type != "cpu":
+        reasons.append(f"cpp runs on CPU tensors, got {q.device}")
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        reasons.append(f"cpp takes float32 or bfloat16, got {q.dtype}")
+    if dropout_p > 0:
+        reasons.append("dropout_p > 0 not supported by cpp")
+    return reasons
+
+
+_OP.register("cpp", _cpp, _cpp_reasons)

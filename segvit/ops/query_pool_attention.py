@@ -81,3 +81,49 @@ _OP.register("eager", eager)
 from segvit.kernels import query_pool_attention as _triton  # noqa: E402
 
 _OP.register("triton", _triton.query_pool_attention, _triton.reasons)
+
+# C++ CPU kernel (csrc/cpu/query_pool_attention.cpp). The op returns (out, q, kv, lse): the scaled query projection,
+# the key/value projections and the log-sum-exp, saved for its backward op.
+from segvit import _extension  # noqa: E402
+
+
+def register_cpp_autograd():
+    """Registers the autograd formula of torch.ops.segvit.query_pool_attention_fwd; called by segvit._extension right
+    after the extension loads, so it is in place before any call, compiled or not."""
+    torch.library.register_autograd("segvit::query_pool_attention_fwd", _cpp_backward, setup_context=_cpp_setup_context)
+
+
+def _cpp_setup_context(ctx, inputs, output):
+    x, grid, in_proj_weight, in_proj_bias, num_heads, stride = inputs
+    out, q, kv, lse = output
+    ctx.mark_non_differentiable(q, kv, lse)
+    ctx.save_for_backward(x, in_proj_weight, q, kv, out, lse)
+    ctx.grid, ctx.num_heads, ctx.stride = grid, num_heads, stride
+
+
+def _cpp_backward(ctx, grad_out, grad_q, grad_kv, grad_lse):
+    x, in_proj_weight, q, kv, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_x, grad_w, grad_b = torch.ops.segvit.query_pool_attention_bwd(
+        grad_out, x, ctx.grid, in_proj_weight, q, kv, out, lse, ctx.num_heads, ctx.stride)
+    return grad_x, None, grad_w, grad_b, None, None
+
+
+def _cpp(x, grid, in_proj_weight, in_proj_bias, num_heads, *, stride=2):
+    return torch.ops.segvit.query_pool_attention_fwd(x, list(grid), in_proj_weight, in_proj_bias, num_heads, stride)[0]
+
+
+def _cpp_reasons(x, grid, in_proj_weight, in_proj_bias, num_heads, *, stride=2):
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    reasons = []
+    if x.device.type != "cpu":
+        reasons.append(f"cpp runs on CPU tensors, got {x.device}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        reasons.append(f"cpp takes float32 or bfloat16, got {x.dtype}")
+    return reasons
+
+
+_OP.register("cpp", _cpp, _cpp_reasons)
