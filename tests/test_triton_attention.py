@@ -303,6 +303,14 @@ def test_gpu_import_path_builds_the_autotuners():
             " (q._proj, q.PROJ_CONFIGS)]:\n"
             "    assert isinstance(k, triton.runtime.Autotuner) and len(k.configs) == len(a._all(t)), k\n"
             "    assert k.single_config == {}\n"
+            # triton's own Autotuner calls the pruner with the launch's positional tensors and constexpr kwargs
+            "import torch\n"
+            "a._bwd_dq.nargs = {'Q': torch.empty(0, dtype=torch.float32)}\n"
+            "kept = a._bwd_dq.prune_configs({'BLOCK_D': 128, 'DROPOUT': True, 'HAS_DSIM': True})\n"
+            "assert [(c.kwargs, c.num_warps) for c in kept] == [({'BLOCK_M': m, 'BLOCK_N': n}, w)"
+            " for m, n, w, _ in [tuple(c.values()) for c in a.DQ_CONFIGS[('32', 128)]]], kept\n"
+            "q._proj.nargs = {'X': torch.empty(0, dtype=torch.bfloat16)}\n"
+            "assert len(q._proj.prune_configs({})) == len(q.PROJ_CONFIGS[('16', 0)])\n"
             "print('ok')")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
