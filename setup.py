@@ -104,7 +104,7 @@ setup(
     package_dir={"segvit.kernels": "kernels"},
     package_data={"segvit.configs": ["*.json"]},
     install_requires=["torch>=2.4", "numpy", 'triton; platform_system=="Linux"', "tqdm", "pillow"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
