@@ -22,8 +22,9 @@ F32_TOL = 1e-5
 BF16_EAGER_FACTOR = 2.0
 BF16_FLOOR = 2e-3
 
-# (B, Nq, Nk, H, D): odd sizes, Nq != Nk, one query and one key, and one shape with many query and key blocks.
-ATM_SHAPES = [(2, 7, 13, 3, 8), (1, 1, 1, 1, 8), (3, 5, 2, 2, 4), (1, 150, 1600, 2, 32)]
+# (B, Nq, Nk, H, D): odd sizes, Nq != Nk, one query and one key, one shape with many query and key blocks, and one
+# with more key blocks than the backward has key chunks (several blocks per chunk).
+ATM_SHAPES = [(2, 7, 13, 3, 8), (1, 1, 1, 1, 8), (3, 5, 2, 2, 4), (1, 150, 1600, 2, 32), (1, 3, 2100, 1, 4)]
 # (B, gh, gw, C, H, stride): h != w, 1x1 grid, stride not dividing the grid, stride 1 and 3.
 QPA_SHAPES = [(2, 5, 7, 24, 3, 2), (1, 1, 1, 8, 2, 2), (1, 6, 4, 16, 4, 3), (1, 3, 5, 12, 1, 1), (2, 9, 8, 32, 2, 2)]
 

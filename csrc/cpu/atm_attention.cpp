@@ -174,13 +174,13 @@ int64_t even_block(int64_t n, int64_t target) {
   return (n + blocks - 1) / blocks;
 }
 
-constexpr int64_t kForwardQueryBlock = 64;
-constexpr int64_t kForwardKeyBlock = 512;
+constexpr int64_t kForwardQueryBlock = 96;
+constexpr int64_t kForwardKeyBlock = 256;
 constexpr int64_t kBackwardQueryBlock = 64;
-constexpr int64_t kBackwardKeyBlock = 256;
+constexpr int64_t kBackwardKeyBlock = 512;
 // Key chunks of the backward (each with its own float32 dQ partial): enough tasks for a few threads even at
 // batch 1, few enough that the partials stay small. Independent of the thread count, hence deterministic.
-constexpr int64_t kBackwardMaxChunks = 8;
+constexpr int64_t kBackwardMaxChunks = 4;
 
 template <typename scalar_t>
 void forward_impl(const Problem& p) {
@@ -298,9 +298,19 @@ void backward_impl(const Problem& p) {
     }
   });
 
-  // dQ partials: (chunk, B, Nq, H, D) float32, zero-initialised, summed in chunk order below.
-  std::vector<float> dq_part(static_cast<size_t>(chunks * B * Nq * H * D), 0.0f);
+  // dQ partials: (chunk, B, Nq, H, D) float32, zero-initialised, summed in chunk order below. When dq itself has
+  // that layout (it does for both ops), it holds chunk 0's partial, so only chunks - 1 extra buffers are needed.
   const int64_t part_batch = Nq * H * D, part_row = H * D;
+  const bool dq_holds_chunk0 = p.dq.batch == part_batch && p.dq.row == part_row && p.dq.head == D;
+  const int64_t extra_parts = dq_holds_chunk0 ? chunks - 1 : chunks;
+  std::vector<float> dq_part(static_cast<size_t>(extra_parts * B * part_batch), 0.0f);
+  if (dq_holds_chunk0) std::fill_n(static_cast<float*>(p.dq.ptr), B * part_batch, 0.0f);
+  auto dq_partial = [&](int64_t c, int64_t b) -> float* {
+    if (dq_holds_chunk0) {
+      return c == 0 ? static_cast<float*>(p.dq.ptr) + b * part_batch : dq_part.data() + ((c - 1) * B + b) * part_batch;
+    }
+    return dq_part.data() + (c * B + b) * part_batch;
+  };
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode inference_guard;
@@ -314,7 +324,7 @@ void backward_impl(const Problem& p) {
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, c = task % chunks;
-      float* dq_c = dq_part.data() + (c * B + b) * part_batch;
+      float* dq_c = dq_partial(c, b);
       const int64_t kb_end = std::min(k_blocks, (c + 1) * blocks_per_chunk);
       for (int64_t kb = c * blocks_per_chunk; kb < kb_end; ++kb) {
         const int64_t j0 = kb * bk, nk = std::min(bk, Nk - j0);
@@ -367,14 +377,16 @@ void backward_impl(const Problem& p) {
     }
   });
 
+  if (dq_holds_chunk0 && chunks == 1) return;
   at::parallel_for(0, B * Nq, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / Nq, i = t % Nq;
       for (int64_t h = 0; h < H; ++h) {
         float* dst = static_cast<float*>(p.dq.ptr) + b * p.dq.batch + i * p.dq.row + h * p.dq.head;
+        const int64_t offset = i * part_row + h * D;
         for (int64_t d = 0; d < D; ++d) {
           float sum = 0.0f;
-          for (int64_t c = 0; c < chunks; ++c) sum += dq_part[(c * B + b) * part_batch + i * part_row + h * D + d];
+          for (int64_t c = 0; c < chunks; ++c) sum += dq_partial(c, b)[offset + d];
           dst[d] = sum;
         }
       }
