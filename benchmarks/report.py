@@ -143,7 +143,7 @@ def _case_tick(row):
 
 
 def plot(out_dir, rows, meta):
-    """plots/<group>.png: speed-up over eager (left) and peak memory over eager's (right), one bar per variant."""
+    """plots/<group>.png: speed-up over eager (top) and peak memory over eager's (bottom), one bar per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +155,7 @@ def plot(out_dir, rows, meta):
         case_ids = list(dict.fromkeys(r["case_id"] for r in group_rows))
         variants = list(dict.fromkeys(r["variant"] for r in group_rows))
         ticks = [_case_tick(next(r for r in group_rows if r["case_id"] == c)) for c in case_ids]
-        fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(case_ids)) * 2, 5))
+        fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(case_ids)), 9))
         width = 0.8 / max(len(variants), 1)
         for i, variant in enumerate(variants):
             by_case = {r["case_id"]: r for r in group_rows if r["variant"] == variant}

@@ -26,7 +26,8 @@ def _load(meta):
     if "load_average_start" not in meta:
         return ""
     return (f" Load average (1 min) {meta['load_average_start'][0]:.1f} at the start, "
-            f"{meta['load_average_end'][0]:.1f} at the end; {meta['cpu_time_s']:.0f} s of CPU time.")
+            f"{meta['load_average_end'][0]:.1f} at the end; {meta['cpu_time_s']:.0f} s of CPU time in the main "
+            "process.")
 
 
 def summary_markdown(results: dict, source: str | None = None) -> str:
