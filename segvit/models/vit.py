@@ -6,8 +6,6 @@ values are all tokens, so every later block runs on a quarter of the tokens.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -39,3 +39,29 @@ def size_pair(name: str, size) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise ValueError(f"{name}: expected two positive ints (H, W), got {size!r}")
     return h, w
+
+
+# What the compiled extension's backends take: the device type and the dtypes of their kernels.
+_COMPILED_BACKENDS = {"cpp": ("cpu", "CPU", (torch.float32, torch.bfloat16)),
+                      "cuda": ("cuda", "CUDA", (torch.float32, torch.float16, torch.bfloat16))}
+
+
+def compiled_backend_reasons(backend: str, tensor: torch.Tensor, name: str = "") -> list[str]:
+    """Why the extension's ``cpp`` or ``cuda`` kernels cannot take ``tensor`` (empty when they can): not built,
+    built without CUDA, wrong device, or a dtype they lack. ``name`` names the argument in the dtype message."""
+    from segvit import _extension
+
+    ok, why = _extension.status()
+    if not ok:
+        return [why]
+    if backend == "cuda" and not _extension.has_cuda_kernels():
+        return ["extension built without CUDA kernels (CPU build of torch, no nvcc, or SEGVIT_SKIP_CUDA=1)"]
+    device, label, dtypes = _COMPILED_BACKENDS[backend]
+    reasons = []
+    if tensor.device.type != device:
+        reasons.append(f"{backend} runs on {label} tensors, got {tensor.device}")
+    if tensor.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        takes = " or ".join(names) if len(names) == 2 else f"{', '.join(names[:-1])} or {names[-1]}"
+        reasons.append(f"{backend} takes {takes}{' ' + name if name else ''}, got {tensor.dtype}")
+    return reasons

@@ -69,7 +69,6 @@ _OP.register("triton", _triton.atm_attention, _triton.reasons)
 
 # C++ CPU kernel (csrc/cpu/atm_attention.cpp). The op returns (out, sim, lse); the log-sum-exp (B, H, Nq) is what
 # its backward op needs to recompute the probabilities tile by tile.
-from segvit import _extension  # noqa: E402
 
 
 def register_cpp_autograd():
@@ -102,14 +101,7 @@ def _cpp(q, k, v, *, scale, dropout_p):
 
 
 def _cpp_reasons(q, k, v, *, scale, dropout_p):
-    ok, why = _extension.status()
-    if not ok:
-        return [why]
-    reasons = []
-    if q.device.type != "cpu":
-        reasons.append(f"cpp runs on CPU tensors, got {q.device}")
-    if q.dtype not in (torch.float32, torch.bfloat16):
-        reasons.append(f"cpp takes float32 or bfloat16, got {q.dtype}")
+    reasons = _checks.compiled_backend_reasons("cpp", q)
     if dropout_p > 0:
         reasons.append("dropout_p > 0 not supported by cpp")
     return reasons

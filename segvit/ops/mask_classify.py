@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segvit import _extension
 from segvit.ops import _checks
 from segvit.ops._dispatch import op
 
@@ -53,22 +52,17 @@ def _cpp(class_logits, mask_logits, out_size):
     return torch.ops.segvit.mask_classify(class_logits, mask_logits, list(out_size))
 
 
-def _cpp_reasons(class_logits, mask_logits, out_size):
-    ok, why = _extension.status()
-    if not ok:
-        return [why]
-    reasons = []
-    if class_logits.device.type != "cpu":
-        reasons.append(f"cpp runs on CPU tensors, got {class_logits.device}")
-    if class_logits.dtype not in (torch.float32, torch.bfloat16):
-        reasons.append(f"cpp takes float32 or bfloat16, got {class_logits.dtype}")
+def _compiled_reasons(backend, class_logits, mask_logits):
+    reasons = _checks.compiled_backend_reasons(backend, class_logits)
+    if reasons:
+        return reasons
     if torch.is_grad_enabled() and (class_logits.requires_grad or mask_logits.requires_grad):
         reasons.append("forward only: inputs require grad")
     return reasons
 
 
 _OP.register("eager", eager)
-_OP.register("cpp", _cpp, _cpp_reasons)
+_OP.register("cpp", _cpp, lambda cls, masks, size: _compiled_reasons("cpp", cls, masks))
 
 
 def _triton(class_logits, mask_logits, out_size):
@@ -88,21 +82,7 @@ def _triton_reasons(class_logits, mask_logits, out_size):
 _OP.register("triton", _triton, _triton_reasons)
 
 
-def _cuda_reasons(class_logits, mask_logits, out_size):
-    ok, why = _extension.status()
-    if not ok:
-        return [why]
-    if not _extension.has_cuda_kernels():
-        return ["extension built without CUDA kernels (CPU build of torch, no nvcc, or SEGVIT_SKIP_CUDA=1)"]
-    reasons = []
-    if class_logits.device.type != "cuda":
-        reasons.append(f"cuda runs on CUDA tensors, got {class_logits.device}")
-    if class_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"cuda takes float32, float16 or bfloat16, got {class_logits.dtype}")
-    if torch.is_grad_enabled() and (class_logits.requires_grad or mask_logits.requires_grad):
-        reasons.append("forward only: inputs require grad")
-    return reasons
-
 
 # The extension's op dispatches on the device: the same call runs the CUDA kernel on CUDA tensors.
-_OP.register("cuda", _cpp, _cuda_reasons)
+# The same extension op serves CUDA tensors (the dispatcher picks the kernel by device).
+_OP.register("cuda", _cpp, lambda cls, masks, size: _compiled_reasons("cuda", cls, masks))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segvit import _extension
 from segvit.ops import _checks
 from segvit.ops._dispatch import op
 
@@ -114,29 +113,11 @@ def _compiled(mask_logits, labels, *, ignore_index=255, alpha=0.25, gamma=2.0):
 
 
 def _cpp_reasons(mask_logits, labels, **kwargs):
-    ok, why = _extension.status()
-    if not ok:
-        return [why]
-    reasons = []
-    if mask_logits.device.type != "cpu":
-        reasons.append(f"cpp runs on CPU tensors, got {mask_logits.device}")
-    if mask_logits.dtype not in (torch.float32, torch.bfloat16):
-        reasons.append(f"cpp takes float32 or bfloat16 mask_logits, got {mask_logits.dtype}")
-    return reasons
+    return _checks.compiled_backend_reasons("cpp", mask_logits, "mask_logits")
 
 
 def _cuda_reasons(mask_logits, labels, **kwargs):
-    ok, why = _extension.status()
-    if not ok:
-        return [why]
-    if not _extension.has_cuda_kernels():
-        return ["extension built without CUDA kernels (CPU build of torch, no nvcc, or SEGVIT_SKIP_CUDA=1)"]
-    reasons = []
-    if mask_logits.device.type != "cuda":
-        reasons.append(f"cuda runs on CUDA tensors, got {mask_logits.device}")
-    if mask_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"cuda takes float32, float16 or bfloat16 mask_logits, got {mask_logits.dtype}")
-    return reasons
+    return _checks.compiled_backend_reasons("cuda", mask_logits, "mask_logits")
 
 
 _OP.register("cpp", _compiled, _cpp_reasons)

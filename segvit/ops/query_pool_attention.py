@@ -84,7 +84,6 @@ _OP.register("triton", _triton.query_pool_attention, _triton.reasons)
 
 # C++ CPU kernel (csrc/cpu/query_pool_attention.cpp). The op returns (out, q, kv, lse): the scaled query projection,
 # the key/value projections and the log-sum-exp, saved for its backward op.
-from segvit import _extension  # noqa: E402
 
 
 def register_cpp_autograd():
@@ -115,15 +114,7 @@ def _cpp(x, grid, in_proj_weight, in_proj_bias, num_heads, *, stride=2):
 
 
 def _cpp_reasons(x, grid, in_proj_weight, in_proj_bias, num_heads, *, stride=2):
-    ok, why = _extension.status()
-    if not ok:
-        return [why]
-    reasons = []
-    if x.device.type != "cpu":
-        reasons.append(f"cpp runs on CPU tensors, got {x.device}")
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        reasons.append(f"cpp takes float32 or bfloat16, got {x.dtype}")
-    return reasons
+    return _checks.compiled_backend_reasons("cpp", x)
 
 
 _OP.register("cpp", _cpp, _cpp_reasons)
