@@ -146,3 +146,17 @@ def test_every_compile_spec_is_complete():
                 assert not missing, f"{where}: arguments without type or value: {missing}"
                 unknown = given - set(spec["fn"].arg_names)
                 assert not unknown, f"{where}: names that are not kernel arguments: {unknown}"
+
+
+def test_section_tables_stand_next_to_each_kernel(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# intro\n\n## alpha (forward)\n\nnote a\n\n## beta\n\nnote b\n\n## Compile report\n")
+    rows = [report.Row("alpha.fwd", "M=16", "fp16", 80), report.Row("beta.bwd", "M=32", "fp32", 90)]
+    report.write_section_tables(rows, str(readme))
+    report.write_section_tables(rows, str(readme))  # rewriting replaces, never duplicates
+    text = readme.read_text()
+    assert text.count("<!-- compile-report:alpha:begin -->") == 1
+    assert text.index("note a") < text.index("| alpha.fwd |") < text.index("## beta")
+    assert text.index("note b") < text.index("| beta.bwd |") < text.index("## Compile report")
+    with pytest.raises(ValueError, match="no '## gamma' section"):
+        report.write_section_tables([report.Row("gamma.k", "c", "fp32", 80)], str(readme))
