@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segvit import ops
+from segvit.ops import _checks
 from segvit.ops.mask_losses import present_pairs
 
 
@@ -60,10 +61,7 @@ class SegViTLoss(nn.Module):
             raise ValueError(f"labels: expected (B, H, W), got shape {tuple(labels.shape)}")
         if labels.dtype.is_floating_point:
             raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
-        bad = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
-        if bool(bad.any()):
-            raise ValueError(f"labels: expected values in [0, {self.num_classes}) or ignore_index="
-                             f"{self.ignore_index}, found {labels[bad][:5].tolist()}")
+        _checks.label_values("labels", labels, self.num_classes, self.ignore_index)
         outputs = [out] + list(out.get("aux_outputs", []))[:self.max_aux_outputs]
         num_queries = out["pred_logits"].shape[1]
         class_targets = self.class_targets(labels, num_queries)

@@ -65,3 +65,12 @@ def compiled_backend_reasons(backend: str, tensor: torch.Tensor, name: str = "")
         takes = " or ".join(names) if len(names) == 2 else f"{', '.join(names[:-1])} or {names[-1]}"
         reasons.append(f"{backend} takes {takes}{' ' + name if name else ''}, got {tensor.dtype}")
     return reasons
+
+
+def label_values(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every label is a class in [0, num_classes) or ``ignore_index`` (one min/max pass in the valid case)."""
+    low, high = torch.aminmax(labels.masked_fill(labels == ignore_index, 0))
+    if int(low) < 0 or int(high) >= num_classes:
+        invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        raise ValueError(f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, "
+                         f"found {labels[invalid][:5].tolist()}")

@@ -34,12 +34,7 @@ def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index
     if labels.device != mask_logits.device:
         raise ValueError(f"labels: expected device {mask_logits.device} (as mask_logits), got {labels.device}")
     _checks.same("mask_logits", mask_logits.shape[0], "labels", labels.shape[0], "batch size")
-    num_classes = mask_logits.shape[1]
-    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(invalid.any()):
-        bad = labels[invalid][:5].tolist()
-        raise ValueError(f"labels: expected values in [0, {num_classes}) or ignore_index={ignore_index}, "
-                         f"found {bad}")
+    _checks.label_values("labels", labels, mask_logits.shape[1], ignore_index)
     return _OP(mask_logits, labels, ignore_index=ignore_index, alpha=float(alpha), gamma=float(gamma))
 
 
