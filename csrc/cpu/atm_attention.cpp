@@ -19,6 +19,7 @@
 // libtorch_cpu exports it, else at::mm_out), which dispatches on the CPU at run time; the element-wise tile loops
 // (max, exp, rescale) carry target_clones for x86-64-v4 / v3 / baseline and vectorize with `omp simd`.
 #include "cpu/attention.h"
+#include "cpu/sequential_blas.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,7 +46,6 @@
 // MKL as exported by libtorch_cpu on x86_64 (weak: other BLAS builds still load and use the at::mm_out path).
 // Calling sgemm_ directly skips ATen's per-call tensor and dispatch overhead (several microseconds), which matters
 // for the hundreds of small tile GEMMs of one attention call.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
@@ -55,21 +55,6 @@ namespace attention {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// A GEMM issued from inside at::parallel_for must run on its calling thread: MKL's own nested OpenMP teams would
-// oversubscribe the cores.
-class SequentialBlasGuard {
- public:
-  SequentialBlasGuard() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SequentialBlasGuard() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
-  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
-
- private:
-  int previous_;
-};
 
 // Row-major C (M x N, ldc) = op(A) op(B) + beta C with op(A) M x K and op(B) K x N; beta is 0 or 1.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
