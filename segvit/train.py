@@ -17,6 +17,7 @@ loss term, ``lr`` (base group), ``grad_norm``, ``time``; per evaluation: ``iter`
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -265,6 +266,12 @@ def main(argv=None) -> dict:
             last_eval = run_eval(done)
     bar.close()
     if distributed:
+        # DDP's reducer holds the gloo/nccl process group: if it outlives destroy_process_group, the group's worker
+        # threads are torn down during interpreter finalisation, which aborts ("terminate called without an active
+        # exception") in about one run in ten. Release it (and the loader's workers) while every rank is alive.
+        dist.barrier()
+        del net, batches
+        gc.collect()
         dist.destroy_process_group()
     return {"iterations": max_iters, "eval": last_eval, "work_dir": args.work_dir}
 
