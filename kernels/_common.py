@@ -44,6 +44,14 @@ def device_reasons(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+def interpreter_bf16_reasons(t: torch.Tensor, wrong: str) -> list[str]:
+    """Refusal of bfloat16 off CUDA for a kernel whose ``wrong`` (e.g. "reductions") the triton 3.8 interpreter
+    computes wrongly in bfloat16 (upstream issues 11584, 11604)."""
+    if t.dtype == torch.bfloat16 and t.device.type != "cuda":
+        return [f"bfloat16 under the Triton interpreter gives wrong {wrong} (triton 3.8)"]
+    return []
+
+
 def index_reasons(**sizes: int) -> list[str]:
     """The kernels index within a tensor with int32 offsets (Triton's type for int arguments below 2**31)."""
     return [f"{name} has {n} elements, more than the kernels' int32 indexing allows (2**31 - 1)"

@@ -11,26 +11,11 @@ never exist. P is a (B, Q, K) tensor computed once by the launcher (softmax in f
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # the other backends work without triton
-    triton = tl = None
-    IMPORT_ERROR = f"triton not importable: {exc}"
-else:
-    IMPORT_ERROR = ""
-
-# triton.jit reads TRITON_INTERPRET when a kernel is defined, so the mode is fixed at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Test hook: when True the launcher fills the output with NaN before the kernel runs, so an element the kernel
-# forgets to write fails the comparison instead of passing as stale memory.
-POISON_OUTPUTS = False
+from segvit.kernels import _common
+from segvit.kernels._common import INTERPRET, tl, triton
 
 # Autotune spaces for A100 / H100 (sm_80 / sm_90): the dot is (BLOCK_C x BLOCK_Q) @ (BLOCK_Q x BLOCK_P). BLOCK_C=128
 # covers 150 classes in two class tiles (each recomputes the interpolation, cheap next to the output write); the
@@ -116,14 +101,10 @@ if triton is not None:
         out = out_ptr + b * K * HW + cls[:, None] * HW + pix[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cls_ok[:, None] & pix_ok[None, :])
 
-    def _autotuned(configs):
-        return triton.autotune(
-            configs=[triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")},
-                                   num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs],
-            key=["Q", "K", "h", "w", "Hout", "Wout"])(_mask_classify_kernel)
-
     # One autotuner per dtype family, so float32 never tries (and never caches) a half config.
-    _TUNED = {} if INTERPRET else {group: _autotuned(configs) for group, configs in GPU_CONFIGS.items()}
+    _KEY = ["Q", "K", "h", "w", "Hout", "Wout"]
+    _TUNED = {} if INTERPRET else {group: _common.autotune(configs, INTERPRET_CONFIG, _KEY)(_mask_classify_kernel)
+                                   for group, configs in GPU_CONFIGS.items()}
 
     _SIGNATURE = {"probs_ptr": "*{dtype}", "masks_ptr": "*{dtype}", "out_ptr": "*{dtype}", "Q": "i32", "K": "i32",
                   "h": "i32", "w": "i32", "Hout": "i32", "Wout": "i32", "scale_h": "fp32", "scale_w": "fp32"}
@@ -139,20 +120,10 @@ else:
 
 def reasons(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size) -> list[str]:
     """Why the triton kernel cannot take these inputs (empty list: it can)."""
-    if IMPORT_ERROR:
-        return [IMPORT_ERROR]
-    out = []
-    device = class_logits.device
-    if device.type != "cuda" and not INTERPRET:
-        out.append(f"triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before import), got {device}")
-    if class_logits.dtype not in DTYPES:
-        out.append(f"triton takes float32, float16 or bfloat16, got {class_logits.dtype}")
-    elif class_logits.dtype == torch.bfloat16 and device.type != "cuda":
-        # triton 3.8's interpreter computes bfloat16 tl.dot wrongly (upstream issues 11584, 11604).
-        out.append("bfloat16 under the Triton interpreter gives wrong tl.dot results (triton 3.8)")
+    found = _common.device_reasons(class_logits) + _common.interpreter_bf16_reasons(class_logits, "tl.dot results")
     if torch.is_grad_enabled() and (class_logits.requires_grad or mask_logits.requires_grad):
-        out.append("forward only: inputs require grad")
-    return out
+        found.append("forward only: inputs require grad")
+    return found
 
 
 def mask_classify(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size) -> torch.Tensor:
@@ -168,8 +139,7 @@ def _launch(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size: lis
     # Softmax once per (b, q) in float32; the kernel consumes probabilities in the input dtype (the dot's operand).
     probs = torch.softmax(class_logits.float(), dim=-1)[..., :K].to(class_logits.dtype).contiguous()
     masks = mask_logits.contiguous()
-    alloc = torch.full if POISON_OUTPUTS else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
-    out = alloc((B, K, Hout, Wout), float("nan"), dtype=class_logits.dtype, device=class_logits.device)
+    out = _common.empty(B, K, Hout, Wout, dtype=class_logits.dtype, device=class_logits.device)
     if B == 0:
         return out
     args = (probs, masks, out, Q, K, h, w, Hout, Wout, bilinear_scale(h, Hout), bilinear_scale(w, Wout))

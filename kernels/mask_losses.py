@@ -28,25 +28,11 @@ two or four programs that share them (a few percent at 16x upsampling), the pric
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:
-    triton = tl = None
-    IMPORT_ERROR = f"triton not importable: {exc}"
-else:
-    IMPORT_ERROR = ""
-
+from segvit.kernels import _common
+from segvit.kernels._common import INTERPRET, tl, triton
 from segvit.kernels.mask_classify import bilinear_scale
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Test hook, as in mask_classify: fill kernel-written buffers with NaN first.
-POISON_OUTPUTS = False
 
 # A100 / H100. Forward: one pixel tile per program, labels read once per image; 640x640 labels give 400-800 tiles
 # per image. Backward: BLOCK_I x BLOCK_J = 16 x 16 low-resolution cells per program (40x40 logits: 9 programs per
@@ -179,16 +165,9 @@ if triton is not None:
         out = grad_ptr + (b * K + c) * (h * w) + ii[:, None] * w + jj[None, :]
         tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=(ii[:, None] < h) & (jj[None, :] < w))
 
-    def _autotuned(fn, configs, key):
-        if INTERPRET:
-            return fn
-        return triton.autotune(
-            configs=[triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")},
-                                   num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs],
-            key=key)(fn)
-
-    _fwd = _autotuned(_mask_losses_fwd_kernel, FWD_CONFIGS, ["K", "h", "w", "Hl", "Wl"])
-    _bwd = _autotuned(_mask_losses_bwd_kernel, BWD_CONFIGS, ["K", "h", "w", "Hl", "Wl"])
+    _KEY = ["K", "h", "w", "Hl", "Wl"]
+    _fwd = _common.autotune(FWD_CONFIGS, INTERPRET_FWD, _KEY)(_mask_losses_fwd_kernel)
+    _bwd = _common.autotune(BWD_CONFIGS, INTERPRET_BWD, _KEY)(_mask_losses_bwd_kernel)
 
     _COMMON = {"K": "i32", "h": "i32", "w": "i32", "Hl": "i32", "Wl": "i32", "scale_h": "fp32", "scale_w": "fp32",
                "alpha": "fp32", "gamma": "fp32"}
@@ -209,18 +188,7 @@ else:
 
 def reasons(mask_logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> list[str]:
     """Why the triton kernels cannot take these inputs (empty list: they can)."""
-    if IMPORT_ERROR:
-        return [IMPORT_ERROR]
-    out = []
-    device = mask_logits.device
-    if device.type != "cuda" and not INTERPRET:
-        out.append(f"triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before import), got {device}")
-    if mask_logits.dtype not in DTYPES:
-        out.append(f"triton takes float32, float16 or bfloat16, got {mask_logits.dtype}")
-    elif mask_logits.dtype == torch.bfloat16 and device.type != "cuda":
-        # triton 3.8's interpreter computes bfloat16 reductions wrongly (upstream issues 11584, 11604).
-        out.append("bfloat16 under the Triton interpreter gives wrong reductions (triton 3.8)")
-    return out
+    return _common.device_reasons(mask_logits) + _common.interpreter_bf16_reasons(mask_logits, "reductions")
 
 
 def mask_losses(mask_logits, labels, *, ignore_index=255, alpha=0.25, gamma=2.0):
@@ -228,12 +196,6 @@ def mask_losses(mask_logits, labels, *, ignore_index=255, alpha=0.25, gamma=2.0)
     loss_focal, loss_dice, num_masks, _ = torch.ops.segvit.triton_mask_losses(
         mask_logits, labels, int(ignore_index), float(alpha), float(gamma))
     return loss_focal, loss_dice, num_masks
-
-
-def _alloc(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _labels(labels: torch.Tensor) -> torch.Tensor:
@@ -270,7 +232,7 @@ def _forward(mask_logits, labels, ignore_index: int, alpha: float, gamma: float)
     cfg = INTERPRET_FWD if INTERPRET else FWD_CONFIGS[0]
     block = cfg["BLOCK_P"]
     num_tiles = triton.cdiv(Hl * Wl, block)
-    partial = _alloc((num_pairs, num_tiles, 4), torch.float32, device)
+    partial = _common.empty(num_pairs, num_tiles, 4, dtype=torch.float32, device=device)
     args = (logits, labels, classes, starts, partial, K, h, w, Hl, Wl, bilinear_scale(h, Hl), bilinear_scale(w, Wl),
             alpha, gamma, num_tiles)
     if INTERPRET:
@@ -328,7 +290,7 @@ def _backward(grad_focal, grad_dice, mask_logits, labels, stats, num_masks, alph
     # Every config shares BLOCK_I / BLOCK_J, so the host ranges serve whichever the autotuner picks.
     row_lo, row_hi = _tap_ranges(h, Hl, cfg["BLOCK_I"], device)
     col_lo, col_hi = _tap_ranges(w, Wl, cfg["BLOCK_J"], device)
-    if POISON_OUTPUTS:  # the kernel must write every cell of every present pair
+    if _common.POISON:  # the kernel must write every cell of every present pair
         grad[images.long(), classes.long()] = float("nan")
     grid = (images.numel(), triton.cdiv(h, cfg["BLOCK_I"]), triton.cdiv(w, cfg["BLOCK_J"]))
     args = (mask_logits.contiguous(), _labels(labels), images, classes, coef, row_lo, row_hi, col_lo, col_hi, grad,

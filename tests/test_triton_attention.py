@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import segvit
+from helpers import CUDA, TRITON_DTYPES, assert_within_eager, float64_leaves, run_with_grads
+from helpers import poison_triton_outputs  # noqa: F401  (a fixture: pytest finds it in this module's namespace)
 from segvit.kernels import _common
 
 atm_mod = importlib.import_module("segvit.ops.atm_attention")
@@ -22,43 +24,22 @@ qp_mod = importlib.import_module("segvit.ops.query_pool_attention")
 atm_kernels = importlib.import_module("segvit.kernels.atm_attention")
 qp_kernels = importlib.import_module("segvit.kernels.query_pool_attention")
 
-CUDA = torch.cuda.is_available()
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not _common.INTERPRET, reason="needs TRITON_INTERPRET=1")),
            pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
-DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+# The floor of the eager rule (helpers.assert_within_eager), for outputs where both errors are at rounding level.
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# Every launcher allocates the buffers its kernels write filled with NaN.
+pytestmark = pytest.mark.usefixtures("poison_triton_outputs")
 
 
 @pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    # Every buffer a kernel writes starts as NaN, so a skipped element fails instead of passing as stale memory.
-    monkeypatch.setattr(_common, "POISON", True)
+def triton_backend():
     with segvit.ops.use_backend("triton"):
         yield
 
 
 def leaf(*shape, dtype, device, scale=1.0):
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype).requires_grad_()
-
-
-def assert_close_as_eager(name, ours, eager, ref, dtype):
-    """The flash-attention rule: |ours - ref| <= 2 |eager - ref| + floor, in the max norm."""
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    ref = ref.detach().double().cpu()
-    err = (ours.detach().double().cpu() - ref).abs().max().item()
-    err_eager = (eager.detach().double().cpu() - ref).abs().max().item()
-    assert err <= 2 * err_eager + FLOOR[dtype], f"{name}: error {err:.3g} vs eager {err_eager:.3g} ({dtype})"
-
-
-def run_with_grads(fn, inputs, grads):
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, grads)
-    result = [o.detach() for o in outs] + [t.grad for t in inputs]
-    for t in inputs:
-        t.grad = None
-    return result
 
 
 # ---------------------------------------------------------------------------------------------- atm_attention
@@ -71,11 +52,11 @@ ATM_SHAPES = [(2, 7, 13, 3, 8),   # odd everything, Nq != Nk
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("b,nq,nk,h,d", ATM_SHAPES)
 def test_atm_attention_matches_reference(device, dtype, b, nq, nk, h, d):
     q, k, v = (leaf(b, n, h, d, dtype=dtype, device=device) for n in (nq, nk, nk))
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    refs = float64_leaves(q, k, v)
     g_out, g_sim = torch.randn(b, nq, h, d, dtype=torch.float64), torch.randn(b, nq, nk, dtype=torch.float64)
     grads = (g_out.to(device, dtype), g_sim.to(device, dtype))
     ours = run_with_grads(lambda *a: segvit.ops.atm_attention(*a), (q, k, v), grads)
@@ -84,7 +65,7 @@ def test_atm_attention_matches_reference(device, dtype, b, nq, nk, h, d):
     ref = run_with_grads(atm_mod.reference, refs, (g_out, g_sim))
     assert ours[0].shape == (b, nq, h, d) and ours[1].shape == (b, nq, nk) and ours[0].dtype == dtype
     for name, a, e, r in zip(("out", "sim", "dq", "dk", "dv"), ours, eager, ref):
-        assert_close_as_eager(name, a, e, r, dtype)
+        assert_within_eager(name, a, e, r, FLOOR[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -229,7 +210,7 @@ QP_CASES = [(2, (5, 7), 12, 3, 2),   # D = 4, odd grid, h != w
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("b,grid,c,heads,stride", QP_CASES)
 def test_query_pool_attention_matches_reference(device, dtype, b, grid, c, heads, stride):
     x = leaf(b, grid[0] * grid[1], c, dtype=dtype, device=device)
@@ -243,11 +224,11 @@ def test_query_pool_attention_matches_reference(device, dtype, b, grid, c, heads
     ours = run_with_grads(fn, (x, w, bias), (g.to(device, dtype),))
     with segvit.ops.use_backend("eager"):
         eager = run_with_grads(fn, (x, w, bias), (g.to(device, dtype),))
-    refs = [t.detach().double().cpu().requires_grad_() for t in (x, w, bias)]
+    refs = float64_leaves(x, w, bias)
     ref = run_with_grads(lambda *a: qp_mod.reference(a[0], grid, a[1], a[2], heads, stride=stride), refs, (g,))
     assert ours[0].shape == (b, pooled[0] * pooled[1], c) and ours[0].dtype == dtype
     for name, a, e, r in zip(("out", "dx", "dw", "dbias"), ours, eager, ref):
-        assert_close_as_eager(name, a, e, r, dtype)
+        assert_within_eager(name, a, e, r, FLOOR[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,7 +8,7 @@ Tolerances, against float64:
 - float32: mask_classify atol = rtol = 5e-6 (worst seen ~1e-6: a few roundings of values <= Q); mask_losses
   losses rtol 1e-5 and gradients atol 1e-6 + rtol 1e-4 (float32 sums over up to ~600 pixels per tile).
 - float16 / bfloat16: the kernel's error at most 2x the error of eager PyTorch computing the same thing in that dtype,
-  plus a floor (flash-attention's rule), since the inputs themselves carry the dtype's rounding.
+  plus a floor (flash-attention's rule, ``helpers.assert_within_eager``).
 """
 import importlib
 import os
@@ -18,43 +18,23 @@ import torch
 import torch.nn.functional as F
 
 import segvit
+from helpers import CUDA, TRITON_DTYPES, assert_close, assert_within_eager, float64_leaves, run_with_grads
+from helpers import poison_triton_outputs  # noqa: F401  (a fixture: pytest finds it in this module's namespace)
 
 triton = pytest.importorskip("triton")
 mc_ops = importlib.import_module("segvit.ops.mask_classify")
 ml_ops = importlib.import_module("segvit.ops.mask_losses")
 from segvit.kernels import mask_classify as mc_kernels  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
 
+# Every launcher allocates the buffers its kernel writes filled with NaN.
+pytestmark = pytest.mark.usefixtures("poison_triton_outputs")
 # The same tests on the device the kernels run on here: CUDA with a GPU (marked gpu), else the interpreter on CPU.
-DEVICE = pytest.param("cuda", marks=pytest.mark.gpu) if HAS_CUDA else "cpu"
-BF16 = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: "
-                                                                               "interpreter bf16 is wrong")])
-DTYPES = [torch.float32, torch.float16, BF16]
+DEVICE = pytest.param("cuda", marks=pytest.mark.gpu) if CUDA else "cpu"
 F32_TOL = 5e-6
-HALF_EAGER_FACTOR = 2.0
 HALF_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every launcher allocates its outputs filled with NaN, so an element a kernel forgets to write fails."""
-    monkeypatch.setattr(mc_kernels, "POISON_OUTPUTS", True)
-
-
-def max_err(actual, expected):
-    return (actual.double() - expected.double()).abs().max().item()
-
-
-def assert_close(actual, expected, atol, rtol):
-    err = (actual.double() - expected).abs()
-    bad = ~(err <= atol + rtol * expected.abs())  # NaN counts as bad
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        worst = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
-        raise AssertionError(f"{int(bad.sum())} mismatches (max abs err {err.max().item():.3g}); first: {worst}")
 
 
 # ---------------------------------------------------------------------------------------------------- mask_classify
@@ -76,7 +56,7 @@ def mc_inputs(B, Q, K, h, w, dtype, device):
 
 
 @pytest.mark.parametrize("device", [DEVICE])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("shape", MC_SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
 def test_mask_classify_matches_reference(shape, dtype, device):
     B, Q, K, h, w, Hout, Wout = shape
@@ -84,14 +64,12 @@ def test_mask_classify_matches_reference(shape, dtype, device):
     out = mc_kernels.mask_classify(class_logits, mask_logits, (Hout, Wout))
     assert out.shape == (B, K, Hout, Wout) and out.dtype == dtype and out.device == class_logits.device
     expected = mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (Hout, Wout))
-    out = out.cpu()
     assert torch.isfinite(out).all(), "output not fully written (NaN poison left)"
     if dtype == torch.float32:
         assert_close(out, expected, F32_TOL, F32_TOL)
     else:
-        eager = mc_ops.eager(class_logits, mask_logits, (Hout, Wout)).cpu()
-        err, eager_err = max_err(out, expected), max_err(eager, expected)
-        assert err <= HALF_EAGER_FACTOR * eager_err + HALF_FLOOR[dtype], (err, eager_err)
+        eager = mc_ops.eager(class_logits, mask_logits, (Hout, Wout))
+        assert_within_eager("out", out, eager, expected, HALF_FLOOR[dtype])
 
 
 @pytest.mark.parametrize("device", [DEVICE])
@@ -113,7 +91,7 @@ def test_mask_classify_dispatch_and_non_contiguous_inputs(device):
     masks_t = mask_logits.transpose(2, 3).contiguous().transpose(2, 3)
     with segvit.ops.use_backend("triton"):
         out = segvit.ops.mask_classify(cls_t, masks_t, (13, 11))
-    assert_close(out.cpu(), mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (13, 11)), F32_TOL, F32_TOL)
+    assert_close(out, mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (13, 11)), F32_TOL, F32_TOL)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
@@ -126,7 +104,7 @@ def test_mask_classify_reasons(device):
         assert mc_ops._OP.why_not("triton", class_logits, mask_logits, (5, 5)) == []
     wrong = mc_ops._OP.why_not("triton", class_logits.detach().double(), mask_logits.double(), (5, 5))
     assert any("float64" in r for r in wrong)
-    if not HAS_CUDA:
+    if not CUDA:
         assert any("bfloat16" in r for r in mc_ops._OP.why_not("triton", class_logits.detach().bfloat16(),
                                                                mask_logits.bfloat16(), (5, 5)))
 
@@ -137,7 +115,7 @@ def test_mask_classify_opcheck_and_compile(device):
     torch.library.opcheck(torch.ops.segvit.triton_mask_classify.default, (class_logits, mask_logits, [11, 7]))
     compiled = torch.compile(lambda c, m: torch.ops.segvit.triton_mask_classify(c, m, [11, 7]) * 2,
                              fullgraph=True, backend="eager")
-    assert_close(compiled(class_logits, mask_logits).cpu() / 2,
+    assert_close(compiled(class_logits, mask_logits) / 2,
                  mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (11, 7)), F32_TOL, F32_TOL)
 
 
@@ -156,11 +134,6 @@ ML_SHAPES = [
 ML_F32 = dict(loss_rtol=1e-5, loss_atol=1e-7, grad_rel=1e-5)  # grad: atol = grad_rel * max |reference grad|
 
 
-@pytest.fixture(autouse=True)
-def poison_losses(monkeypatch):
-    monkeypatch.setattr(ml_kernels, "POISON_OUTPUTS", True)
-
-
 def ml_inputs(B, K, h, w, Hl, Wl, dtype, device, all_ignored_image=None):
     logits = (torch.randn(B, K, h, w) * 2).to(dtype).to(device).requires_grad_()
     labels = torch.randint(0, max(K - 1, 1), (B, Hl, Wl))  # the last class is absent everywhere
@@ -171,40 +144,37 @@ def ml_inputs(B, K, h, w, Hl, Wl, dtype, device, all_ignored_image=None):
 
 
 def ml_run(fn, logits, labels, g_focal, g_dice, **kw):
-    loss_focal, loss_dice, num_masks = fn(logits, labels, **kw)
-    (grad,) = torch.autograd.grad(loss_focal * g_focal + loss_dice * g_dice, logits)
-    return loss_focal, loss_dice, num_masks, grad
+    """[loss_focal, loss_dice, num_masks, d(g_focal loss_focal + g_dice loss_dice) / d logits]."""
+    return run_with_grads(lambda x: fn(x, labels, **kw), (logits,), (g_focal, g_dice, None))
 
 
 def ml_reference(logits, labels, g_focal, g_dice, **kw):
-    ref = logits.detach().cpu().double().requires_grad_()
-    return ml_run(ml_ops.reference, ref, labels.cpu(), g_focal.double(), g_dice.double(), **kw)
+    return ml_run(ml_ops.reference, *float64_leaves(logits), labels.cpu(), g_focal, g_dice, **kw)
 
 
 def ml_check(logits, labels, dtype, **kw):
     g_focal, g_dice = torch.randn(()), torch.randn(())
-    out = ml_run(ml_kernels.mask_losses, logits, labels, g_focal.to(logits.device), g_dice.to(logits.device), **kw)
+    out = ml_run(ml_kernels.mask_losses, logits, labels, g_focal, g_dice, **kw)
     ref = ml_reference(logits, labels, g_focal, g_dice, **kw)
     assert out[0].dtype == torch.float32 and out[2].dtype == torch.int64 and out[3].dtype == dtype
     assert out[2].item() == ref[2].item()
-    grad = out[3].cpu()
+    grad = out[3]
     assert torch.isfinite(grad).all(), "gradient not fully written (NaN poison left)"
     scale = ref[3].abs().max().item()
     if dtype == torch.float32:
-        for ours, theirs in zip(out[:2], ref[:2]):
-            assert_close(ours.cpu(), theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
-        assert_close(grad, ref[3], ML_F32["grad_rel"] * scale, 1e-4)
+        for name, ours, theirs in zip(("loss_focal", "loss_dice"), out[:2], ref[:2]):
+            assert_close(ours, theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"], name)
+        assert_close(grad, ref[3], ML_F32["grad_rel"] * scale, 1e-4, "grad")
     else:
-        eager = ml_run(ml_ops.eager, logits, labels, g_focal.to(logits.device), g_dice.to(logits.device), **kw)
-        for ours, theirs, base in zip(out[:2], ref[:2], eager[:2]):
-            assert max_err(ours.cpu(), theirs) <= HALF_EAGER_FACTOR * max_err(base.cpu(), theirs) + 1e-5
-        err, eager_err = max_err(grad, ref[3]), max_err(eager[3].cpu(), ref[3])
-        assert err <= HALF_EAGER_FACTOR * eager_err + 1e-3 * scale, (err, eager_err, scale)
+        eager = ml_run(ml_ops.eager, logits, labels, g_focal, g_dice, **kw)
+        for name, ours, theirs, base in zip(("loss_focal", "loss_dice"), out[:2], ref[:2], eager[:2]):
+            assert_within_eager(name, ours, base, theirs, 1e-5)
+        assert_within_eager("grad", grad, eager[3], ref[3], 1e-3 * scale)
     return out
 
 
 @pytest.mark.parametrize("device", [DEVICE])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("shape", ML_SHAPES, ids=lambda s: "B{}K{}_{}x{}to{}x{}".format(*s))
 def test_mask_losses_forward_backward_match_reference(shape, dtype, device):
     logits, labels = ml_inputs(*shape, dtype, device)
@@ -245,12 +215,11 @@ def test_mask_losses_dispatch_narrow_labels_non_contiguous_logits(device):
     transposed = logits.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
     assert not transposed.is_contiguous()
     with segvit.ops.use_backend("triton"):
-        out = segvit.ops.mask_losses(transposed, labels)
-    (grad,) = torch.autograd.grad(out[0] + out[1], transposed)
-    ref = ml_reference(logits, labels, torch.tensor(1.0), torch.tensor(1.0))
+        out = ml_run(segvit.ops.mask_losses, transposed, labels, 1.0, 1.0)
+    ref = ml_reference(logits, labels, 1.0, 1.0)
     for ours, theirs in zip(out[:2], ref[:2]):
-        assert_close(ours.detach().cpu(), theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
-    assert_close(grad.cpu(), ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)
+        assert_close(ours, theirs, ML_F32["loss_atol"], ML_F32["loss_rtol"])
+    assert_close(out[3], ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)
 
 
 @pytest.mark.parametrize("device", [DEVICE])
@@ -258,7 +227,7 @@ def test_mask_losses_reasons(device):
     logits, labels = ml_inputs(1, 3, 4, 4, 5, 5, torch.float32, device)
     assert ml_ops._OP.why_not("triton", logits, labels, ignore_index=255, alpha=0.25, gamma=2.0) == []
     assert any("float64" in r for r in ml_ops._OP.why_not("triton", logits.double(), labels))
-    if not HAS_CUDA:
+    if not CUDA:
         assert any("bfloat16" in r for r in ml_ops._OP.why_not("triton", logits.bfloat16(), labels))
 
 
@@ -276,8 +245,7 @@ def test_mask_losses_opcheck_and_compile(device):
         return focal + 2 * dice
 
     compiled = torch.compile(loss, fullgraph=True, backend="eager")
-    ours = compiled(logits, labels)
-    (grad,) = torch.autograd.grad(ours, logits)
-    ref = ml_reference(logits, labels, torch.tensor(1.0), torch.tensor(2.0))
-    assert_close(ours.detach().cpu(), ref[0] + 2 * ref[1], 1e-6, 1e-5)
-    assert_close(grad.cpu(), ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)
+    ours, grad = run_with_grads(lambda x: compiled(x, labels), (logits,), (1.0,))
+    ref = ml_reference(logits, labels, 1.0, 2.0)
+    assert_close(ours, ref[0] + 2 * ref[1], 1e-6, 1e-5)
+    assert_close(grad, ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)
