@@ -27,6 +27,9 @@ BF16_FLOOR = 2e-3
 ATM_SHAPES = [(2, 7, 13, 3, 8), (1, 1, 1, 1, 8), (3, 5, 2, 2, 4), (1, 150, 1600, 2, 32), (1, 3, 2100, 1, 4)]
 # (B, gh, gw, C, H, stride): h != w, 1x1 grid, stride not dividing the grid, stride 1 and 3.
 QPA_SHAPES = [(2, 5, 7, 24, 3, 2), (1, 1, 1, 8, 2, 2), (1, 6, 4, 16, 4, 3), (1, 3, 5, 12, 1, 1), (2, 9, 8, 32, 2, 2)]
+# L above the backward's key chunk (1024 tokens): B 2 with 2 chunks of 578 and 577 keys; an odd grid with stride 3 and
+# 3 chunks of 705 keys (small C keeps them cheap).
+QPA_CHUNKED_SHAPES = [(2, 33, 35, 8, 2, 2), (1, 45, 47, 4, 1, 3)]
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +173,7 @@ def qpa_reference_and_grads(x, grid, weight, bias, num_heads, stride, cotangent)
     return out.detach(), grads([out], [cotangent.double()], inputs)
 
 
-@pytest.mark.parametrize("shape", QPA_SHAPES, ids=lambda s: "B{}_{}x{}_C{}_H{}_s{}".format(*s))
+@pytest.mark.parametrize("shape", QPA_SHAPES + QPA_CHUNKED_SHAPES, ids=lambda s: "B{}_{}x{}_C{}_H{}_s{}".format(*s))
 def test_qpa_float32_forward_backward_match_float64_reference(shape, num_threads):
     B, gh, gw, C, H, stride = shape
     x, weight, bias = qpa_inputs(*shape)
@@ -185,7 +188,8 @@ def test_qpa_float32_forward_backward_match_float64_reference(shape, num_threads
         assert_close(name, g, r, F32_TOL)
 
 
-@pytest.mark.parametrize("shape", QPA_SHAPES[:3], ids=lambda s: "B{}_{}x{}_C{}_H{}_s{}".format(*s))
+@pytest.mark.parametrize("shape", QPA_SHAPES[:3] + QPA_CHUNKED_SHAPES[:1],
+                         ids=lambda s: "B{}_{}x{}_C{}_H{}_s{}".format(*s))
 def test_qpa_bfloat16_error_within_2x_eager(shape, num_threads):
     B, gh, gw, C, H, stride = shape
     x, weight, bias = qpa_inputs(*shape, dtype=torch.bfloat16)

@@ -1,16 +1,31 @@
 // CPU kernel of segvit::query_pool_attention (CONTRACT.md, op 2): the Shrunk query-downsampling attention.
 //
-// Forward: the query projection runs only on the sampled tokens, one GEMM per sampled grid row straight on x (the
-// sampled tokens of a grid row are `stride` tokens apart, a valid BLAS leading dimension, so no sampled copy of x is
-// made); q is then scaled by D^-0.5 in its own dtype, as nn.MultiheadAttention does before the product. Keys and
-// values of all tokens come from one GEMM (B L x 2C). The attention itself is the flash-style core of
-// csrc/cpu/atm_attention.cpp (per-thread tiles, online softmax; no (B, H, L', L) scores).
+// Forward: the sampled tokens are gathered once (B L' x C, the size of the output) and projected by ONE GEMM whose
+// alpha and bias carry the D^-0.5 scale (so q is written once, already scaled, as nn.MultiheadAttention scales it
+// before the product). Keys and values of all tokens come from one GEMM (B L x 2C). The attention itself is the
+// flash-style core of csrc/cpu/atm_attention.cpp (per-thread tiles, online softmax; no (B, H, L', L) scores).
 //
-// Backward: the core's backward gives dq (w.r.t. the scaled q) and dk, dv; the projections' gradients are GEMMs
-// (the query side on a gathered (B L' x C) copy of the sampled tokens, the size of the output). Each sampled token
-// is one row of dq, so its dx contribution is added through a strided view without overlap.
+// Backward, key-chunked: the core's backward runs on chunks of at most kKeyChunk keys (P = exp(S - lse) is exact on
+// any key subset given the full-row lse), giving the chunk's dk, dv and its share of dq; the chunk's dkv then goes
+// straight into dW_kv += dkv^T x_chunk and dx_chunk = dkv W_kv, so only a (chunk, 2C) float32 dkv exists, never the
+// (B, L, 2C) one nor its dtype copy. dq is summed over the chunks in a fixed order, then the query side's GEMMs run
+// on the gathered sampled tokens; each sampled token is one row of dq, so its dx term is added through a strided
+// view without overlap. The saved K/V (B, L, 2C) is kept rather than recomputed: recomputing it costs the
+// forward's largest GEMM again (about a fifth of fwd+bwd) to save 13 MB at the issue-4 shape.
+//
+// Roofline (issue 4 shape: B 1, 40x40 grid -> L' 400, C 1024, 16 heads, float32, 2 threads of this machine's AVX-512
+// EPYC). MKL sgemm reaches ~185 GFLOP/s (175-200) both at the K/V shape (1600x1024 @ 1024x2048, ~35 ms) and at
+// 4096^3. Forward: 10.2 GFLOP = projections 7.5 (K/V 6.7, q 0.84) + attention products 2.6; eager runs the same
+// projections through the same BLAS (~40 ms of its ~84 ms). Even with every FLOP at GEMM peak the forward takes
+// 55 ms, a 1.52x bound over eager before any softmax work, so 1.5x is not reachable in practice. fwd+bwd: the
+// backward adds 15.1 GFLOP of projection GEMMs (dW, dx) and 6.6 of attention products (S recomputed); at GEMM peak
+// our 32 GFLOP take ~173 ms against eager's ~221 ms: a 1.28x bound. 1.5x (147 ms) would leave 25 ms for 9.2 GFLOP
+// of attention products after the 122 ms of shared projection GEMMs: twice BLAS peak, i.e. impossible.
+// Measured (idle machine, interleaved medians): forward 1.36x eager, on par with linear + SDPA (0.99x); fwd+bwd
+// 1.20x eager, 1.05x linear + SDPA.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -49,14 +64,26 @@ Geometry check_inputs(const char* op, const at::Tensor& x, at::IntArrayRef grid,
   return {B, L, C, num_heads, C / num_heads, grid[0], grid[1], stride, ph, pw, ph * pw};
 }
 
-// The sampled tokens of grid row r * stride of batch b, as a (pw, C) view of x (B, L, C) contiguous.
-at::Tensor sampled_rows(const at::Tensor& x, const Geometry& g, int64_t b, int64_t r) {
-  return x.as_strided({g.pw, g.C}, {g.stride * g.C, 1}, x.storage_offset() + (b * g.L + r * g.stride * g.gw) * g.C);
+// The sampled tokens xs (B L' x C), gathered into one contiguous copy (the size of the output): the query projection
+// is then ONE GEMM. (Projecting straight from x, one GEMM per sampled grid row with leading dimension stride * C,
+// avoids the copy but costs ph calls of only pw rows each: about twice the time of the gather plus one GEMM.)
+at::Tensor gather_sampled(const at::Tensor& x, const Geometry& g) {
+  return x.view({g.B, g.gh, g.gw, g.C})
+      .slice(1, 0, g.gh, g.stride)
+      .slice(2, 0, g.gw, g.stride)
+      .reshape({g.B * g.Lp, g.C});
 }
 
-attention::HeadsView view(const at::Tensor& t, int64_t channel_offset, int64_t head_dim) {  // t (B, N, width)
-  return {static_cast<char*>(t.data_ptr()) + channel_offset * t.element_size(), t.stride(0), t.stride(1), head_dim};
+// One (B, N, H, D) operand for the core, from t (B, N, width) starting at batch b, row n0, channel channel_offset.
+attention::HeadsView view(const at::Tensor& t, int64_t b, int64_t n0, int64_t channel_offset, int64_t head_dim) {
+  const int64_t offset = b * t.stride(0) + n0 * t.stride(1) + channel_offset;
+  return {static_cast<char*>(t.data_ptr()) + offset * t.element_size(), t.stride(0), t.stride(1), head_dim};
 }
+
+// Keys per step of the backward (see the header). Chunks are equal splits of L of at most this size, fixed by L
+// alone (so the result does not depend on the thread count), and large enough that the core's backward, which
+// parallelises over its own key blocks (kBackwardKeyBlock 512 in atm_attention.cpp), still gives two threads work.
+constexpr int64_t kKeyChunk = 1024;
 
 }  // namespace
 
@@ -73,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> query_pool_attention_
               3 * g.C, ",), got ", in_proj_bias.sizes());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = in_proj_weight.contiguous(), bias = in_proj_bias.contiguous();
-  const at::Tensor w_q = w.narrow(0, 0, g.C), b_q = bias.narrow(0, 0, g.C);
+  const double scale = std::pow(static_cast<double>(g.D), -0.5);
 
   at::Tensor q = at::empty({g.B, g.Lp, g.C}, x.options());
   at::Tensor kv = at::linear(x, w.narrow(0, g.C, 2 * g.C), bias.narrow(0, g.C, 2 * g.C));  // (B, L, 2C)
@@ -81,20 +108,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> query_pool_attention_
   at::Tensor lse = at::empty({g.B, g.H, g.Lp}, x.options().dtype(at::kFloat));
   for (at::Tensor* t : {&q, &out, &lse}) attention::poison_for_tests(*t);
   if (g.B == 0) return {out, q, kv, lse};
-  const at::Tensor w_q_t = w_q.t();
-  for (int64_t b = 0; b < g.B; ++b) {
-    for (int64_t r = 0; r < g.ph; ++r) {
-      at::Tensor q_rows = q[b].narrow(0, r * g.pw, g.pw);
-      at::addmm_out(q_rows, b_q, sampled_rows(x, g, b, r), w_q_t);
-    }
-  }
-  q.mul_(std::pow(static_cast<double>(g.D), -0.5));
+  // q = (xs W_q^T + b_q) D^-0.5 in one GEMM: the scale rides on alpha and on the bias (exact for D a power of 4;
+  // otherwise one rounding fewer than scaling the product afterwards), so q is written once.
+  at::Tensor q_2d = q.view({g.B * g.Lp, g.C});
+  at::addmm_out(q_2d, bias.narrow(0, 0, g.C) * scale, gather_sampled(x, g), w.narrow(0, 0, g.C).t(), 1.0, scale);
 
   attention::Problem p;
   p.dtype = x.scalar_type();
   p.B = g.B, p.H = g.H, p.Nq = g.Lp, p.Nk = g.L, p.D = g.D;
   p.scale = 1.0f;
-  p.q = view(q, 0, g.D), p.k = view(kv, 0, g.D), p.v = view(kv, g.C, g.D), p.out = view(out, 0, g.D);
+  p.q = view(q, 0, 0, 0, g.D), p.k = view(kv, 0, 0, 0, g.D), p.v = view(kv, 0, 0, g.C, g.D);
+  p.out = view(out, 0, 0, 0, g.D);
   p.lse = lse.data_ptr<float>();
   attention::forward(p);
   return {out, q, kv, lse};
@@ -124,45 +148,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_pool_attention_backward(
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({g.B, g.H, g.Lp}), op, ": lse must have shape (B, H, L') = (", g.B,
               ", ", g.H, ", ", g.Lp, "), got ", lse_in.sizes());
 
+  const bool is_float = dtype == at::kFloat;
   const auto f32 = x_in.options().dtype(at::kFloat);
   const at::Tensor dout = grad_out.contiguous(), q = q_in.contiguous(), kv = kv_in.contiguous();
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
-  at::Tensor dq = at::empty({g.B, g.Lp, g.C}, f32);
-  at::Tensor dkv = at::empty({g.B, g.L, 2 * g.C}, f32);
-  for (at::Tensor* t : {&dq, &dkv}) attention::poison_for_tests(*t);
-  if (g.B > 0) {
-    attention::Problem p;
-    p.dtype = dtype;
-    p.B = g.B, p.H = g.H, p.Nq = g.Lp, p.Nk = g.L, p.D = g.D;
-    p.scale = 1.0f;
-    p.q = view(q, 0, g.D), p.k = view(kv, 0, g.D), p.v = view(kv, g.C, g.D), p.out = view(out, 0, g.D);
-    p.dout = view(dout, 0, g.D);
-    p.lse = const_cast<float*>(lse.data_ptr<float>());
-    p.dq = view(dq, 0, g.D), p.dk = view(dkv, 0, g.D), p.dv = view(dkv, g.C, g.D);
-    attention::backward(p);
-  }
-  // Gradient w.r.t. the unscaled projection q_proj = xs W_q^T + b_q (q = q_proj * D^-0.5).
-  dq.mul_(std::pow(static_cast<double>(g.D), -0.5));
-  at::Tensor grad_b = at::cat({dq.sum({0, 1}), dkv.sum({0, 1})});
-
-  // The projections' GEMMs run in the input dtype, as eager's do (bfloat16 GEMMs accumulate in float32 inside
-  // BLAS and are about twice as fast as float32 ones here). For the query side, the sampled tokens are gathered
-  // once (B L' x C, the size of the output) so dW_q is one GEMM rather than a sum of per-row GEMMs, which in
-  // bfloat16 would round after every row.
   const at::Tensor x = x_in.contiguous(), w = in_proj_weight.contiguous();
-  const at::Tensor dq_t = dq.to(dtype).view({g.B * g.Lp, g.C}), dkv_t = dkv.to(dtype).view({g.B * g.L, 2 * g.C});
-  const at::Tensor xs = x.view({g.B, g.gh, g.gw, g.C})
-                            .slice(1, 0, g.gh, g.stride)
-                            .slice(2, 0, g.gw, g.stride)
-                            .reshape({g.B * g.Lp, g.C});
+  const at::Tensor w_kv = w.narrow(0, g.C, 2 * g.C);
+  at::Tensor grad_x = at::empty({g.B, g.L, g.C}, x.options());
   at::Tensor grad_w = at::empty({3 * g.C, g.C}, x.options());
   at::Tensor grad_w_q = grad_w.narrow(0, 0, g.C), grad_w_kv = grad_w.narrow(0, g.C, 2 * g.C);
-  at::mm_out(grad_w_q, dq_t.t(), xs);
-  at::mm_out(grad_w_kv, dkv_t.t(), x.view({g.B * g.L, g.C}));
-  at::Tensor grad_x = at::mm(dkv_t, w.narrow(0, g.C, 2 * g.C)).view({g.B, g.gh, g.gw, g.C});
-  grad_x.slice(1, 0, g.gh, g.stride).slice(2, 0, g.gw, g.stride) +=
-      at::mm(dq_t, w.narrow(0, 0, g.C)).view({g.B, g.ph, g.pw, g.C});
-  return {grad_x.view({g.B, g.L, g.C}), grad_w, grad_b.to(dtype)};
+  at::Tensor grad_b = at::zeros({3 * g.C}, f32);
+  if (g.B == 0) {
+    grad_w.zero_();
+    return {grad_x, grad_w, grad_b.to(dtype)};
+  }
+
+  // Key-chunked: the core's backward on one chunk of keys gives that chunk's dk, dv exactly (P = exp(S - lse) needs
+  // only the full-row lse) and the chunk's share of dq; the chunk's dkv then goes straight through its two GEMMs
+  // (dW_kv += dkv^T x_chunk, dx_chunk = dkv W_kv) and its buffer is reused. Only a (chunk, 2C) float32 dkv exists,
+  // never the (B, L, 2C) one. dq is summed over the chunks in order.
+  const int64_t n_chunks = (g.L + kKeyChunk - 1) / kKeyChunk;
+  const int64_t chunk = (g.L + n_chunks - 1) / n_chunks;
+  const bool single_step = g.B == 1 && n_chunks == 1;
+  at::Tensor dq = at::empty({g.B, g.Lp, g.C}, f32);
+  at::Tensor dq_part = n_chunks > 1 ? at::empty({1, g.Lp, g.C}, f32) : at::Tensor();
+  at::Tensor dkv = at::empty({chunk, 2 * g.C}, f32);
+  at::Tensor dkv_low = is_float ? at::Tensor() : at::empty({chunk, 2 * g.C}, x.options());
+  // bfloat16 with several steps: dW_kv is summed over the steps in float32 (one bfloat16 rounding per step's
+  // product, as eager has one for the whole product), then rounded once.
+  at::Tensor grad_w_kv_acc = (!is_float && !single_step) ? at::zeros({2 * g.C, g.C}, f32) : at::Tensor();
+  for (at::Tensor* t : {&dq, &dq_part, &dkv}) {
+    if (t->defined()) attention::poison_for_tests(*t);
+  }
+  at::Tensor grad_b_kv = grad_b.narrow(0, g.C, 2 * g.C);
+  for (int64_t b = 0; b < g.B; ++b) {
+    for (int64_t j0 = 0; j0 < g.L; j0 += chunk) {
+      const int64_t n = std::min(chunk, g.L - j0);
+      const bool first_chunk = j0 == 0;
+      at::Tensor dq_dst = first_chunk ? dq.narrow(0, b, 1) : dq_part;
+      at::Tensor dkv_c = dkv.narrow(0, 0, n).unsqueeze(0);  // (1, n, 2C)
+      attention::Problem p;
+      p.dtype = dtype;
+      p.B = 1, p.H = g.H, p.Nq = g.Lp, p.Nk = n, p.D = g.D;
+      p.scale = 1.0f;
+      p.q = view(q, b, 0, 0, g.D), p.out = view(out, b, 0, 0, g.D), p.dout = view(dout, b, 0, 0, g.D);
+      p.k = view(kv, b, j0, 0, g.D), p.v = view(kv, b, j0, g.C, g.D);
+      p.lse = const_cast<float*>(lse.data_ptr<float>()) + b * g.H * g.Lp;
+      p.dq = view(dq_dst, 0, 0, 0, g.D), p.dk = view(dkv_c, 0, 0, 0, g.D), p.dv = view(dkv_c, 0, 0, g.C, g.D);
+      attention::backward(p);
+      if (!first_chunk) dq.select(0, b).add_(dq_part.select(0, 0));
+
+      const at::Tensor dkv_2d = dkv_c.select(0, 0);
+      grad_b_kv.add_(dkv_2d.sum(0));
+      at::Tensor dkv_mm = dkv_2d;
+      if (!is_float) dkv_mm = dkv_low.narrow(0, 0, n).copy_(dkv_2d);
+      const at::Tensor x_c = x.select(0, b).narrow(0, j0, n);
+      at::Tensor grad_x_c = grad_x.select(0, b).narrow(0, j0, n);
+      at::mm_out(grad_x_c, dkv_mm, w_kv);
+      if (single_step) {
+        at::mm_out(grad_w_kv, dkv_mm.t(), x_c);
+      } else if (is_float) {
+        if (b == 0 && first_chunk) {
+          at::mm_out(grad_w_kv, dkv_mm.t(), x_c);
+        } else {
+          grad_w_kv.addmm_(dkv_mm.t(), x_c);
+        }
+      } else {
+        grad_w_kv_acc.add_(at::mm(dkv_mm.t(), x_c));
+      }
+    }
+  }
+  if (grad_w_kv_acc.defined()) grad_w_kv.copy_(grad_w_kv_acc);
+
+  // Query side, w.r.t. the unscaled projection q_proj = xs W_q^T + b_q (q = q_proj * D^-0.5). The projections'
+  // GEMMs run in the input dtype, as eager's do (bfloat16 GEMMs accumulate in float32 inside BLAS).
+  dq.mul_(std::pow(static_cast<double>(g.D), -0.5));
+  grad_b.narrow(0, 0, g.C).copy_(dq.sum({0, 1}));
+  const at::Tensor dq_mm = (is_float ? dq : dq.to(dtype)).view({g.B * g.Lp, g.C});
+  at::mm_out(grad_w_q, dq_mm.t(), gather_sampled(x, g));
+  // Each sampled token is one row of dq, so its dx contribution is added through a strided view without overlap.
+  grad_x.view({g.B, g.gh, g.gw, g.C}).slice(1, 0, g.gh, g.stride).slice(2, 0, g.gw, g.stride) +=
+      at::mm(dq_mm, w.narrow(0, 0, g.C)).view({g.B, g.ph, g.pw, g.C});
+  return {grad_x, grad_w, is_float ? grad_b : grad_b.to(dtype)};
 }
 
 }  // namespace segvit::cpu
