@@ -19,9 +19,11 @@ TORCH_LIBRARY(segvit, m) {
   m.def("mask_loss_stats_backward(Tensor grad_stats, Tensor mask_logits, Tensor labels, Tensor stats, "
         "int ignore_index, float alpha, float gamma) -> Tensor");
   // atm_attention: (out, sim, lse); lse (B, H, Nq) float32 is saved for the backward.
-  m.def("atm_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor)");
+  // dropout_p > 0: attention dropout with a keep mask hashed from (seed, b, h, query, key); bwd regenerates it.
+  m.def("atm_attention_fwd(Tensor q, Tensor k, Tensor v, float scale, float dropout_p=0., int seed=0) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("atm_attention_bwd(Tensor grad_out, Tensor grad_sim, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
+        "float scale, float dropout_p=0., int seed=0) -> (Tensor, Tensor, Tensor)");
   // query_pool_attention: (out, q, kv, lse); q (scaled), kv and lse are saved for the backward.
   m.def("query_pool_attention_fwd(Tensor x, SymInt[2] grid, Tensor in_proj_weight, Tensor in_proj_bias, "
         "int num_heads, int stride) -> (Tensor, Tensor, Tensor, Tensor)");

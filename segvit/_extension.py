@@ -68,14 +68,14 @@ def _register_fakes() -> None:
         return mask_logits.new_empty((batch, classes, out_size[0], out_size[1]))
 
     @torch.library.register_fake("segvit::atm_attention_fwd")
-    def _atm_attention_fwd_fake(q, k, v, scale):
+    def _atm_attention_fwd_fake(q, k, v, scale, dropout_p=0.0, seed=0):
         torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must be 4-D (B, N, H, D)")
         batch, queries, heads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((batch, queries, k.shape[1])), q.new_empty(
             (batch, heads, queries), dtype=torch.float32)
 
     @torch.library.register_fake("segvit::atm_attention_bwd")
-    def _atm_attention_bwd_fake(grad_out, grad_sim, q, k, v, out, lse, scale):
+    def _atm_attention_bwd_fake(grad_out, grad_sim, q, k, v, out, lse, scale, dropout_p=0.0, seed=0):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("segvit::query_pool_attention_fwd")

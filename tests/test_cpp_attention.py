@@ -156,6 +156,95 @@ def test_atm_gradient_through_one_output(used):
             assert_close(name, a, e, F32_TOL)
 
 
+# Attention dropout: two forward query blocks, two key blocks, several backward query blocks.
+ATM_DROPOUT_SHAPE = (1, 100, 300, 2, 32)
+
+
+def atm_dropout(q, k, v, scale, p, seed):
+    out, sim, _ = torch.ops.segvit.atm_attention_fwd(q, k, v, scale, p, seed)
+    return out, sim
+
+
+def atm_dropout_mask(q, k, scale, p, seed):
+    """The kernel's keep mask (B, H, Nq, Nk), read through its output: the mask depends on the indices only, and
+    with v one-hot over a window of D keys, out[b, i, h, d] is the dropped probability of key j0 + d, > 0 iff kept
+    (probabilities are >= exp(-87) > 0)."""
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    mask = torch.empty(B, H, Nq, Nk, dtype=torch.bool)
+    for j0 in range(0, Nk, D):
+        n = min(D, Nk - j0)
+        v = torch.zeros(B, Nk, H, D)
+        v[:, j0 + torch.arange(n), :, torch.arange(n)] = 1.0
+        out, _ = atm_dropout(q.detach(), k.detach(), v, scale, p, seed)
+        mask[..., j0:j0 + n] = (out[..., :n] != 0).permute(0, 2, 1, 3)
+    return mask
+
+
+def atm_dropout_reference(q, k, v, scale, mask, p):
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    attn = logits.softmax(dim=-1) * mask / (1 - p)
+    return torch.einsum("bhij,bjhd->bihd", attn, v), logits.mean(dim=1)
+
+
+def test_atm_dropout_matches_float64_reference_with_the_kernels_mask(num_threads):
+    B, Nq, Nk, H, D = ATM_DROPOUT_SHAPE
+    q, k, v = atm_inputs(*ATM_DROPOUT_SHAPE)
+    scale, p, seed = 0.7 * D ** -0.5, 0.3, 1234567
+    mask = atm_dropout_mask(q, k, scale, p, seed)
+    kept, n = mask.sum().item(), mask.numel()
+    assert abs(kept - n * (1 - p)) <= 6 * (n * p * (1 - p)) ** 0.5, f"kept {kept} of {n} at p={p}"
+    # Not one pattern repeated: rows and heads get different masks.
+    assert not torch.equal(mask[0, 0, 0], mask[0, 0, 1]) and not torch.equal(mask[0, 0], mask[0, 1])
+    out, sim = atm_dropout(q, k, v, scale, p, seed)
+    cotangents = [torch.randn_like(out), torch.randn_like(sim)]
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = atm_dropout_reference(*inputs, scale, mask, p)
+    ref_grads = grads(ref, [c.double() for c in cotangents], inputs)
+    assert_close("out", out, ref[0].detach(), F32_TOL)
+    assert_close("sim", sim, ref[1].detach(), F32_TOL)
+    for name, g, r in zip(("grad_q", "grad_k", "grad_v"), grads((out, sim), cotangents, (q, k, v)), ref_grads):
+        assert_close(name, g, r, F32_TOL)
+
+
+def test_atm_dropout_seed_p0_and_thread_count():
+    q, k, v = atm_inputs(2, 33, 700, 2, 16)
+    d = [t.detach() for t in (q, k, v)]
+    plain = torch.ops.segvit.atm_attention_fwd(*d, 0.25)
+    for a, b in zip(plain, torch.ops.segvit.atm_attention_fwd(*d, 0.25, 0.0, 99)):
+        assert torch.equal(a, b), "p=0 must be the no-dropout path"
+    first = torch.ops.segvit.atm_attention_fwd(*d, 0.25, 0.2, 5)
+    again = torch.ops.segvit.atm_attention_fwd(*d, 0.25, 0.2, 5)
+    other = torch.ops.segvit.atm_attention_fwd(*d, 0.25, 0.2, 6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    # sim and the log-sum-exp are those of the un-dropped softmax.
+    assert torch.equal(first[1], plain[1]) and torch.equal(first[2], plain[2])
+    cotangents = [torch.randn(2, 33, 2, 16), torch.randn(2, 33, 700)]
+    results = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            outputs = atm_dropout(q, k, v, 0.25, 0.2, 5)
+            results.append([o.detach() for o in outputs] + list(grads(outputs, cotangents, (q, k, v))))
+        finally:
+            torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_atm_dropout_seed_comes_from_torch_manual_seed():
+    q, k, v = (t.detach() for t in atm_inputs(1, 9, 40, 2, 8))
+    with segvit.ops.use_backend("cpp"):
+        torch.manual_seed(3)
+        first = segvit.ops.atm_attention(q, k, v, dropout_p=0.5)[0]
+        second = segvit.ops.atm_attention(q, k, v, dropout_p=0.5)[0]
+        torch.manual_seed(3)
+        replay = segvit.ops.atm_attention(q, k, v, dropout_p=0.5)[0]
+    assert torch.equal(first, replay) and not torch.equal(first, second)
+
+
 def qpa_inputs(B, gh, gw, C, H, stride, dtype=torch.float32):
     x = torch.randn(B, gh * gw, C)
     weight = torch.randn(3 * C, C) * C ** -0.5
@@ -209,8 +298,8 @@ def test_dispatch_selects_cpp_and_explains_refusals():
     q, k, v = (t.detach() for t in atm_inputs(1, 3, 5, 2, 4))
     with segvit.ops.use_backend("cpp"):
         out, sim = segvit.ops.atm_attention(q, k, v)
-        with pytest.raises(RuntimeError, match=r"dropout_p > 0 not supported by cpp"):
-            segvit.ops.atm_attention(q, k, v, dropout_p=0.1)
+        dropped, _ = segvit.ops.atm_attention(q, k, v, dropout_p=0.1)  # taken by cpp too, no eager fallback
+        assert torch.isfinite(dropped).all()
         with pytest.raises(RuntimeError, match=r"cpp takes float32 or bfloat16, got torch.float16"):
             segvit.ops.atm_attention(q.half(), k.half(), v.half())
         x, weight, bias = (t.detach() for t in qpa_inputs(1, 3, 3, 8, 2, 2))
@@ -230,6 +319,10 @@ def test_opcheck_atm_attention():
     out, sim, lse = torch.ops.segvit.atm_attention_fwd(*d, 0.3)
     torch.library.opcheck(torch.ops.segvit.atm_attention_bwd.default,
                           (torch.randn_like(out), torch.randn_like(sim), *d, out, lse, 0.3))
+    torch.library.opcheck(torch.ops.segvit.atm_attention_fwd.default, (q, k, v, 0.3, 0.25, 7))
+    out, sim, lse = torch.ops.segvit.atm_attention_fwd(*d, 0.3, 0.25, 7)
+    torch.library.opcheck(torch.ops.segvit.atm_attention_bwd.default,
+                          (torch.randn_like(out), torch.randn_like(sim), *d, out, lse, 0.3, 0.25, 7))
 
 
 def test_opcheck_query_pool_attention():
@@ -265,6 +358,12 @@ _Q, _K = torch.randn(2, 3, 2, 4), torch.randn(2, 5, 2, 4)
 def test_atm_invalid_inputs_raise_naming_the_argument(q, k, v, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.segvit.atm_attention_fwd(q, k, v, 0.5)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_atm_invalid_dropout_p_raises(p):
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        torch.ops.segvit.atm_attention_fwd(_Q, _K, _K, 0.5, p, 0)
 
 
 _X, _W, _B = torch.randn(1, 12, 8), torch.randn(24, 8), torch.randn(24)

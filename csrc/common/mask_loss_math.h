@@ -24,51 +24,14 @@
 #include <cstring>
 
 #include "common/bilinear.h"
-
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define SEGVIT_INLINE __forceinline__
-#elif defined(__GNUC__) || defined(__clang__)
-#define SEGVIT_INLINE inline __attribute__((always_inline))
-#else
-#define SEGVIT_INLINE inline
-#endif
+#include "common/fast_exp.h"  // fast_exp, float_from_bits, SEGVIT_INLINE
 
 namespace segvit {
 
-SEGVIT_HOST_DEVICE SEGVIT_INLINE float float_from_bits(int32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
-// exp(y) for y <= 0 (the only range used: exp(-|x|)). y is clamped at -87 (exp(-87) = 1.6e-38), so the result is
-// always a normal float and no denormal slow path is hit; e.g. sigmoid(-100) comes out as 1.6e-38 instead of
-// 3.7e-44, which no sum can tell apart. NaN is returned as NaN (and never reaches the float-to-int conversion).
-// exp(y) = 2^n * exp(r), n = round(y / ln 2), r = y - n ln 2 in [-0.35, 0.35] (ln 2 split in a 9-bit head, so n * head
-// is exact, and a tail), exp(r) by its Taylor series to r^7 (truncation error < 6e-9 relative).
-SEGVIT_HOST_DEVICE SEGVIT_INLINE float exp_nonpositive(float y) {
-  // Written as selects that keep NaN (y < -87 is false for NaN) and that GCC vectorizes; a NaN test (y != y) would
-  // not vectorize. The integer conversion gets its own clamp, false for NaN, so it never sees an out-of-range value.
-  const float yc = y < -87.0f ? -87.0f : y;
-  const float v = yc * 1.44269504088896341f;  // y / ln 2, in [-125.6, 0] (or NaN)
-  const float vc = v >= -126.0f ? v : -126.0f;
-  const int32_t n = static_cast<int32_t>(vc - 0.5f);  // truncation of a value <= -0.5: round to nearest
-  const float fn = static_cast<float>(n);
-  const float r = (yc - fn * 0.693359375f) - fn * -2.12194440054690583e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * float_from_bits((n + 127) << 23);  // n in [-126, 0]: a normal power of two
-}
+// exp(y) for y <= 0 (the only range used: exp(-|x|)): the shared exp (csrc/common/fast_exp.h). y is clamped at -87
+// (exp(-87) = 1.6e-38), so the result is always a normal float and no denormal slow path is hit; e.g. sigmoid(-100)
+// comes out as 1.6e-38 instead of 3.7e-44, which no sum can tell apart. NaN is returned as NaN.
+SEGVIT_HOST_DEVICE SEGVIT_INLINE float exp_nonpositive(float y) { return fast_exp(y); }
 
 // log(1 + e) for e in [0, 1] (e = exp(-|x|)). With z = e / (2 + e), log(1 + e) = 2 atanh(z); for e > sqrt(2) - 1 the
 // argument is halved first, log(1 + e) = ln 2 + 2 atanh((e - 1) / (e + 3)). Either way |z| <= 0.1716 and the odd series

@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/fast_exp.h"
 #include "common/online_softmax.h"
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
@@ -123,7 +124,7 @@ float exp_shifted(float* __restrict s, int64_t n, float scale, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float p = segvit::exp_approx(scale * s[j] - shift);
+    const float p = segvit::fast_exp(scale * s[j] - shift);
     s[j] = p;
     sum += p;
   }
@@ -137,7 +138,7 @@ void probs_and_grad(float* __restrict s, float* __restrict ds, const float* __re
                     float lse, float delta, float sim_scale) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float p = segvit::exp_approx(scale * s[j] - lse);
+    const float p = segvit::fast_exp(scale * s[j] - lse);
     s[j] = p;
     ds[j] = scale * p * (ds[j] - delta);
   }
@@ -151,6 +152,73 @@ SEGVIT_TILE_CLONES
 void scale_row(float* __restrict x, int64_t n, float factor) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= factor;
+}
+
+// Attention dropout keep mask. Counter-based: keep(b, h, i, j) is a pure function of (seed, b, h, query i, key j),
+// so the backward regenerates the forward's mask instead of storing (B, H, Nq, Nk) bits, and neither the tiling nor
+// the thread count changes it. Per row, a 64-bit mix of (seed, row) gives a 32-bit row key (once per row and key
+// block); per key, a 32-bit integer hash of row_key + j * golden ratio (multiplies, shifts, xors: vectorizes), whose
+// top 24 bits are compared with p * 2^24 (keep rate 1 - p to within 2^-25).
+inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+struct Dropout {
+  bool active = false;
+  uint64_t seed = 0;
+  int32_t threshold = 0;   // drop when hash >> 8 < threshold
+  float keep_scale = 1.0f;  // 1 / (1 - p)
+
+  explicit Dropout(const Problem& p) {
+    if (p.dropout_p <= 0.0f) return;
+    active = true;
+    seed = mix64(p.seed);
+    threshold = static_cast<int32_t>(std::llround(static_cast<double>(p.dropout_p) * 16777216.0));
+    keep_scale = static_cast<float>(1.0 / (1.0 - static_cast<double>(p.dropout_p)));
+  }
+  // Row key of query i of head h of batch b (row = (b * H + h) * Nq + i).
+  uint32_t row_key(int64_t row) const { return static_cast<uint32_t>(mix64(seed ^ static_cast<uint64_t>(row)) >> 32); }
+};
+
+// 1.0f when key j of a row with key `row_key` is kept, else 0.0f.
+inline float keep(uint32_t row_key, uint32_t j, int32_t threshold) {
+  uint32_t x = row_key + j * 0x9E3779B9u;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return static_cast<int32_t>(x >> 8) >= threshold ? 1.0f : 0.0f;
+}
+
+// p[j] *= keep(row_key, j0 + j): the forward folds the dropped probabilities into the output accumulator (the row
+// sum, taken before, stays that of the un-dropped softmax).
+SEGVIT_TILE_CLONES
+void drop_row(float* __restrict p, int64_t n, uint32_t row_key, uint32_t j0, int32_t threshold) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) p[j] *= keep(row_key, j0 + static_cast<uint32_t>(j), threshold);
+}
+
+// probs_and_grad with dropout mask m and c = 1 / (1 - p_drop): with P = exp(scale s - lse) and dO V^T in ds,
+// s[j] = c m P (the dropped probabilities, for dV), ds[j] = scale P (c m ds[j] - delta) + sim_scale dsim[j].
+SEGVIT_TILE_CLONES
+void probs_and_grad_dropout(float* __restrict s, float* __restrict ds, const float* __restrict dsim, int64_t n,
+                            float scale, float lse, float delta, float sim_scale, uint32_t row_key, uint32_t j0,
+                            int32_t threshold, float keep_scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = segvit::fast_exp(scale * s[j] - lse);
+    const float cm = keep_scale * keep(row_key, j0 + static_cast<uint32_t>(j), threshold);
+    s[j] = cm * p;
+    ds[j] = scale * p * (cm * ds[j] - delta);
+  }
+  if (dsim != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) ds[j] += sim_scale * dsim[j];
+  }
 }
 
 // Splits n into ceil(n / target) blocks of near-equal size (so the last block is not a sliver); returns the size.
@@ -174,6 +242,7 @@ void forward_impl(const Problem& p) {
   const int64_t bk = std::min(Nk, kForwardKeyBlock);
   const int64_t q_blocks = (Nq + bq - 1) / bq;
   const float scale = p.scale;
+  const Dropout dropout(p);
 
   at::parallel_for(0, B * q_blocks, 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode inference_guard;
@@ -226,6 +295,10 @@ void forward_impl(const Problem& p) {
             const float shift = new_max == kNegInf ? 0.0f : new_max;
             const float alpha = segvit::online_softmax_rescale(m, new_max);
             const float block_sum = exp_shifted(s, nk, scale, shift);
+            if (dropout.active) {
+              drop_row(s, nk, dropout.row_key((b * H + h) * Nq + i0 + i), static_cast<uint32_t>(j0),
+                       dropout.threshold);
+            }
             row_sum[h * bq + i] = row_sum[h * bq + i] * alpha + block_sum;
             if (alpha != 1.0f) scale_row(acc_h + i * D, D, alpha);
             m = new_max;
@@ -246,7 +319,7 @@ void forward_impl(const Problem& p) {
       for (int64_t h = 0; h < H; ++h) {
         for (int64_t i = 0; i < mq; ++i) {
           const segvit::OnlineSoftmaxState state{row_max[h * bq + i], row_sum[h * bq + i]};
-          const float inv = 1.0f / state.sum;
+          const float inv = dropout.keep_scale / state.sum;
           const float* a = acc.data() + (h * bq + i) * D;
           scalar_t* o = out_dst + i * p.out.row + h * p.out.head;
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
@@ -266,6 +339,7 @@ void backward_impl(const Problem& p) {
   const int64_t chunks = std::min(k_blocks, kBackwardMaxChunks);
   const int64_t blocks_per_chunk = (k_blocks + chunks - 1) / chunks;
   const float scale = p.scale;
+  const Dropout dropout(p);
 
   // delta[b, h, i] = sum_d dout * out: the softmax backward's row term.
   std::vector<float> delta(static_cast<size_t>(B * H * Nq));
@@ -339,9 +413,15 @@ void backward_impl(const Problem& p) {
             const float* lse_row = p.lse + (b * H + h) * Nq + i0;
             const float* delta_row = delta.data() + (b * H + h) * Nq + i0;
             for (int64_t i = 0; i < mq; ++i) {
-              probs_and_grad(scores.data() + i * nk, dscores.data() + i * nk,
-                             dsim_rows != nullptr ? dsim_rows + i * nk : nullptr, nk, scale, lse_row[i], delta_row[i],
-                             p.sim_scale);
+              const float* dsim_i = dsim_rows != nullptr ? dsim_rows + i * nk : nullptr;
+              if (dropout.active) {
+                probs_and_grad_dropout(scores.data() + i * nk, dscores.data() + i * nk, dsim_i, nk, scale, lse_row[i],
+                                       delta_row[i], p.sim_scale, dropout.row_key((b * H + h) * Nq + i0 + i),
+                                       static_cast<uint32_t>(j0), dropout.threshold, dropout.keep_scale);
+              } else {
+                probs_and_grad(scores.data() + i * nk, dscores.data() + i * nk, dsim_i, nk, scale, lse_row[i],
+                               delta_row[i], p.sim_scale);
+              }
             }
             const float first = i0 == 0 ? 0.0f : 1.0f;
             gemm(true, false, nk, D, mq, scores.data(), nk, dot, ldo, first, dv_acc.data(), D);   // dV += P^T dO
@@ -445,12 +525,18 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(k.size(1) >= 1, op, ": k must have Nk >= 1 keys, got shape ", k.sizes());
 }
 
+void check_dropout(const char* op, double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                     const at::Tensor& v_in, double scale) {
+                                                                     const at::Tensor& v_in, double scale,
+                                                                     double dropout_p, int64_t seed) {
   check_qkv("segvit::atm_attention_fwd", q_in, k_in, v_in);
   TORCH_CHECK(std::isfinite(scale), "segvit::atm_attention_fwd: scale must be finite, got ", scale);
+  check_dropout("segvit::atm_attention_fwd", dropout_p);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3), Nk = k.size(1);
   at::Tensor out = at::empty_like(q);
@@ -465,13 +551,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_forward(const at::T
   p.lse = lse.data_ptr<float>();
   p.sim = sim.data_ptr();
   p.sim_scale = static_cast<float>(scale / static_cast<double>(H));
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
   attention::forward(p);
   return {out, sim, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& grad_sim, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale, double dropout_p,
+    int64_t seed) {
   constexpr const char* op = "segvit::atm_attention_bwd";
   check_qkv(op, q_in, k_in, v_in);
   const auto dtype = q_in.scalar_type();
@@ -494,6 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_backward(
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must have shape (B, H, Nq) = (", B, ", ", H,
               ", ", Nq, "), got ", lse_in.sizes());
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_dropout(op, dropout_p);
 
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor out = out_in.contiguous(), dout = grad_out.contiguous(), dsim = grad_sim.contiguous();
@@ -511,6 +601,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_backward(
   p.dsim = dsim.data_ptr();
   p.sim_scale = static_cast<float>(scale / static_cast<double>(H));
   p.dq = heads_view(dq), p.dk = heads_view(dk), p.dv = heads_view(dv);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
   attention::backward(p);
   if (is_float) return {dq, dk, dv};
   return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};

@@ -9,17 +9,18 @@
 namespace segvit::cpu {
 
 // segvit::atm_attention_fwd: q (B, Nq, H, D), k and v (B, Nk, H, D) ->
-//   out (B, Nq, H, D) = softmax(scale q_h k_h^T) v_h per head, sim (B, Nq, Nk) = mean_h scale q_h k_h^T,
+//   out (B, Nq, H, D) = dropout(softmax(scale q_h k_h^T)) v_h per head (dropout mask from seed, see Problem), sim (B, Nq, Nk) = mean_h scale q_h k_h^T,
 //   lse (B, H, Nq) float32, the log-sum-exp of each softmax row (what the backward needs).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                                     const at::Tensor& v, double scale);
+                                                                     const at::Tensor& v, double scale,
+                                                                     double dropout_p, int64_t seed);
 
 // segvit::atm_attention_bwd: (grad_q, grad_k, grad_v) from the output gradients and the forward's saved tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> atm_attention_backward(const at::Tensor& grad_out,
                                                                       const at::Tensor& grad_sim, const at::Tensor& q,
                                                                       const at::Tensor& k, const at::Tensor& v,
                                                                       const at::Tensor& out, const at::Tensor& lse,
-                                                                      double scale);
+                                                                      double scale, double dropout_p, int64_t seed);
 
 // segvit::query_pool_attention_fwd: x (B, L, C) on a (gh, gw) grid, in_proj_weight (3C, C), in_proj_bias (3C) ->
 //   out (B, L', C), and for the backward: q (B, L', C) (projected sampled tokens, already scaled by D^-0.5),
@@ -55,6 +56,11 @@ struct Problem {
   // Optional similarity map (B, Nq, Nk) contiguous, dtype: sim = sim_scale * sum_h q_h . k_h.
   void* sim = nullptr;
   float sim_scale = 0.0f;
+  // Attention dropout (0 = none): probabilities dropped with dropout_p, survivors scaled by 1 / (1 - dropout_p);
+  // the keep mask is a hash of (seed, b, h, query, key), so the backward regenerates it (no stored mask) and it does
+  // not depend on tiling or thread count. lse and sim stay those of the un-dropped softmax.
+  float dropout_p = 0.0f;
+  uint64_t seed = 0;
   // Backward only: dout (same layout rules as out), optional dsim (B, Nq, Nk) contiguous dtype, and the float32
   // gradients dq, dk, dv (fully written, not accumulated into).
   HeadsView dout;

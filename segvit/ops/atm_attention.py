@@ -78,11 +78,12 @@ def register_cpp_autograd():
 
 
 def _cpp_setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, *dropout = inputs  # dropout_p, seed when given (the schema defaults them to 0.0, 0)
     out, sim, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    ctx.dropout = tuple(dropout)
 
 
 def _cpp_backward(ctx, grad_out, grad_sim, grad_lse):
@@ -91,20 +92,24 @@ def _cpp_backward(ctx, grad_out, grad_sim, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_sim is None:
         grad_sim = q.new_zeros((q.shape[0], q.shape[1], k.shape[1]))
-    grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale)
-    return grad_q, grad_k, grad_v, None
+    grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale,
+                                                                *ctx.dropout)
+    return (grad_q, grad_k, grad_v, None) + (None,) * len(ctx.dropout)
 
 
 def _cpp(q, k, v, *, scale, dropout_p):
-    out, sim, _ = torch.ops.segvit.atm_attention_fwd(q, k, v, scale)
+    if dropout_p > 0:
+        # The kernel hashes its keep mask from this seed; drawing it from torch's default CPU generator makes
+        # torch.manual_seed reproduce a run, as it does for the eager F.dropout.
+        seed = int(torch.randint(2**62, (), dtype=torch.int64).item())
+        out, sim, _ = torch.ops.segvit.atm_attention_fwd(q, k, v, scale, float(dropout_p), seed)
+    else:
+        out, sim, _ = torch.ops.segvit.atm_attention_fwd(q, k, v, scale)
     return out, sim
 
 
 def _cpp_reasons(q, k, v, *, scale, dropout_p):
-    reasons = _checks.compiled_backend_reasons("cpp", q)
-    if dropout_p > 0:
-        reasons.append("dropout_p > 0 not supported by cpp")
-    return reasons
+    return _checks.compiled_backend_reasons("cpp", q)
 
 
 _OP.register("cpp", _cpp, _cpp_reasons)

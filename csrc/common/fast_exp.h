@@ -1,0 +1,74 @@
+// One vectorizable float exp shared by the CPU kernels (attention softmax: csrc/common/online_softmax.h, mask
+// losses: csrc/common/mask_loss_math.h) and the CUDA kernels that include those headers.
+//
+// Why not expf: the CPU build targets generic x86-64 (target_clones pick AVX2/AVX-512 at run time), and a libm call
+// keeps GCC from vectorizing the loops that evaluate exp on every attention logit or mask pixel; there the scalar
+// call would cost more than the matrix products. This is plain float arithmetic (no table, no branch, no library
+// call), so every loop calling it vectorizes, and the GPU runs the very same formula.
+//
+// exp(x) = 2^n exp(r): n = round(x / ln 2), r = x - n ln 2 with |r| <= ln 2 / 2 (Cody-Waite: ln2_hi has 16
+// significant bits, so n * ln2_hi and x - n * ln2_hi are exact for |n| <= 127 without an FMA), exp(r) by its
+// degree-7 Taylor polynomial (truncation error < 6e-9 relative) and 2^n assembled in the exponent bits. Relative
+// error ~1-2 float ulp over [-87, 88] (tests/test_cpp_mask_losses.py and the attention tests check it against
+// float64). x is clamped to [-87, 88]: below, exp(-87) ~ 1.6e-38 is returned instead of a denormal or 0 (no
+// denormal slow path; such values are below any float32 use of a probability), above, exp(88) instead of inf.
+// NaN propagates (every clamp is a comparison that is false for NaN, and the integer conversion gets its own clamp,
+// so it never sees NaN or an out-of-range value).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#ifndef SEGVIT_HOST_DEVICE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SEGVIT_HOST_DEVICE __host__ __device__
+#else
+#define SEGVIT_HOST_DEVICE
+#endif
+#endif
+
+#ifndef SEGVIT_INLINE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SEGVIT_INLINE __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define SEGVIT_INLINE inline __attribute__((always_inline))
+#else
+#define SEGVIT_INLINE inline
+#endif
+#endif
+
+namespace segvit {
+
+SEGVIT_HOST_DEVICE SEGVIT_INLINE float float_from_bits(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+SEGVIT_HOST_DEVICE SEGVIT_INLINE float fast_exp(float x) {
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  // Round to nearest by adding and removing 1.5 * 2^23 (|x / ln 2| < 2^22): floorf/rintf would keep GCC from
+  // vectorizing (it inlines them as one instruction only under -fno-trapping-math). An FMA contraction of the
+  // first step (nvcc -fmad) still yields an integer.
+  constexpr float kRound = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;  // in [-126, 127], or NaN
+  const float nc = n >= -126.0f ? n : -126.0f;                    // NaN -> -126 for the conversion only
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * float_from_bits((static_cast<int32_t>(nc) + 127) * (1 << 23));  // 2^n, a normal float
+}
+
+}  // namespace segvit
