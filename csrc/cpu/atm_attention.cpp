@@ -1,19 +1,31 @@
 // CPU kernel of segvit::atm_attention (CONTRACT.md, op 1) and the flash-style attention core it shares with
 // segvit::query_pool_attention (csrc/cpu/query_pool_attention.cpp).
 //
-// Forward: at::parallel_for over (batch, query block). A task walks the keys once, block by block, and for each key
-// block all heads: S_h = Q_h K_h^T (a GEMM on a (query block x key block) tile in per-thread scratch), adds S_h into
-// the similarity tile (so one pass over the keys yields both outputs and sim needs no second matmul), and folds
-// exp(scale S_h - max) into the running online-softmax state of head h (csrc/common/online_softmax.h) and its
-// output accumulator with a second GEMM P_h V_h. Nothing of size (B, H, Nq, Nk) exists, only (query block x key
+// Forward: at::parallel_for over (batch, query block); the query blocks are large (GEMM efficiency) but at least two
+// per call (a B 1, Nq 60 problem would otherwise run on one thread). A task walks the keys once, block by block, and
+// for each key block all heads: S_h = Q_h K_h^T (a GEMM on a (query block x key block) tile in per-thread scratch),
+// adds S_h into the similarity tile (so one pass over the keys yields both outputs and sim needs no second matmul),
+// and folds exp(scale S_h - max) into the running online-softmax state of head h (csrc/common/online_softmax.h) and
+// its output accumulator with a second GEMM P_h V_h. Nothing of size (B, H, Nq, Nk) exists, only (query block x key
 // block) tiles per thread.
 //
-// Backward: with P = exp(scale S - lse) recomputed per tile, dV = P^T dO, dP = dO V^T,
-// dR = scale P (dP - rowsum(dO * O)) + sim_scale dsim (R = Q K^T, the raw products both outputs depend on),
-// dQ = dR K, dK = dR^T Q. One pass, parallel over (batch, key chunk): dK and dV of a chunk's keys are owned by its
-// task; dQ gets one float32 partial per key chunk, summed in chunk order at the end. The chunk count depends only on
-// Nk, so results do not depend on the thread count and no atomics are needed (5 tile GEMMs per tile instead of
-// the 7 of a two-pass scheme that recomputes S and dP for dQ).
+// Dropout (dropout_p > 0): after the row sum of a tile is taken (so lse is that of the un-dropped softmax), the
+// probabilities are multiplied by a keep mask hashed from (seed, b, h, query, key) (a counter-based hash, see
+// Dropout below) and the output by 1 / (1 - p). The backward hashes the same mask again: nothing is stored, and the
+// mask does not depend on tiles or threads.
+//
+// Backward: with P = exp(scale S - lse) recomputed per tile, M the keep mask and c = 1 / (1 - p) (M c = 1 without
+// dropout), dV = (c M P)^T dO, dP = c M (dO V^T), dR = scale P (dP - rowsum(dO * O)) + sim_scale dsim (R = Q K^T, the
+// raw products both outputs depend on), dQ = dR K, dK = dR^T Q. One pass, parallel over (batch, key chunk): dK and
+// dV of a chunk's keys are owned by its task; dQ gets one float32 partial per key chunk, summed in chunk order at
+// the end. The chunk count depends only on Nk, so results do not depend on the thread count and no atomics are
+// needed (5 tile GEMMs per tile instead of the 7 of a two-pass scheme that recomputes S and dP for dQ).
+//
+// Where the time goes (fp32, D 32): the tile GEMMs (K = D = 32 for S and dP, so at best ~60-70% of the FMA peak)
+// dominate; exp (csrc/common/fast_exp.h, vectorized, ~1 ulp) and the row passes are a small share. fwd+bwd does 7
+// GEMMs of the (Nq, Nk) size per head against eager autograd's 6 (the backward recomputes S instead of reading a
+// saved (B, H, Nq, Nk) tensor), so its speed-up over eager comes only from the memory traffic eager spends on its
+// (B, H, Nq, Nk) logits, probabilities and their gradients.
 //
 // ISA strategy (the extension must run on any x86_64, so no -march=native): the GEMMs go to BLAS (MKL's sgemm_ when
 // libtorch_cpu exports it, else at::mm_out), which dispatches on the CPU at run time; the element-wise tile loops
@@ -227,8 +239,13 @@ int64_t even_block(int64_t n, int64_t target) {
   return (n + blocks - 1) / blocks;
 }
 
-constexpr int64_t kForwardQueryBlock = 96;
-constexpr int64_t kForwardKeyBlock = 256;
+// Forward tiles: large (at most 160 x 512, near-equal blocks) because each tile GEMM has only K = D (32) and the
+// per-call cost of sgemm_ is then a visible share; at least kForwardMinTasks query blocks (of >= 16 rows) per call
+// so that B 1 with few queries (PASCAL-Context: Nq 60) still gives every thread of a 2-core machine a task.
+constexpr int64_t kForwardQueryBlock = 160;
+constexpr int64_t kForwardKeyBlock = 512;
+constexpr int64_t kForwardMinTasks = 2;
+constexpr int64_t kForwardMinQueryBlock = 16;
 constexpr int64_t kBackwardQueryBlock = 64;
 constexpr int64_t kBackwardKeyBlock = 512;
 // Key chunks of the backward (each with its own float32 dQ partial): enough tasks for a few threads even at
@@ -238,8 +255,13 @@ constexpr int64_t kBackwardMaxChunks = 4;
 template <typename scalar_t>
 void forward_impl(const Problem& p) {
   const int64_t B = p.B, H = p.H, Nq = p.Nq, Nk = p.Nk, D = p.D;
-  const int64_t bq = even_block(Nq, kForwardQueryBlock);
-  const int64_t bk = std::min(Nk, kForwardKeyBlock);
+  // At least kForwardMinTasks tasks (query blocks of >= kForwardMinQueryBlock rows) so that a small batch with few
+  // queries (PASCAL-Context: B 1, Nq 60) still keeps several threads busy. Depends on the shape only, and a row's
+  // result does not depend on its block anyway.
+  const int64_t min_blocks =
+      std::min((kForwardMinTasks + B - 1) / B, (Nq + kForwardMinQueryBlock - 1) / kForwardMinQueryBlock);
+  const int64_t bq = std::min(even_block(Nq, kForwardQueryBlock), (Nq + min_blocks - 1) / min_blocks);
+  const int64_t bk = even_block(Nk, kForwardKeyBlock);
   const int64_t q_blocks = (Nq + bq - 1) / bq;
   const float scale = p.scale;
   const Dropout dropout(p);
