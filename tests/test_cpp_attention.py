@@ -294,6 +294,24 @@ def test_qpa_bfloat16_error_within_2x_eager(shape, num_threads):
         assert_bf16_within_2x_eager(name, a, e, r)
 
 
+def test_qpa_results_do_not_depend_on_thread_count():
+    # Several key chunks and B 2: the chunking and the per-head split are fixed by the shape, not the thread count.
+    B, gh, gw, C, H, stride = QPA_CHUNKED_SHAPES[0]
+    x, weight, bias = qpa_inputs(B, gh, gw, C, H, stride)
+    results = []
+    for n in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            out = qpa_cpp(x, (gh, gw), weight, bias, H, stride)
+            cotangent = torch.linspace(-1, 1, out.numel()).view_as(out)
+            results.append([out.detach(), *grads([out], [cotangent], (x, weight, bias))])
+        finally:
+            torch.set_num_threads(previous)
+    for name, a, b in zip(("out", "grad_x", "grad_in_proj_weight", "grad_in_proj_bias"), *results):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+
+
 def test_dispatch_selects_cpp_and_explains_refusals():
     q, k, v = (t.detach() for t in atm_inputs(1, 3, 5, 2, 4))
     with segvit.ops.use_backend("cpp"):

@@ -3,15 +3,24 @@
 // Forward: the sampled tokens are gathered once (B L' x C, the size of the output) and projected by ONE GEMM whose
 // alpha and bias carry the D^-0.5 scale (so q is written once, already scaled, as nn.MultiheadAttention scales it
 // before the product). Keys and values of all tokens come from one GEMM (B L x 2C). The attention itself is the
-// flash-style core of csrc/cpu/atm_attention.cpp (per-thread tiles, online softmax; no (B, H, L', L) scores).
+// flash-style core of csrc/cpu/atm_attention.cpp (per-thread tiles, online softmax; no (B, H, L', L) scores),
+// called once per (batch, head) from our own parallel_for (the core's then runs inline): B H equal tasks balance
+// over the threads whatever the core's query blocking (its (batch, query block) split gave 5 or 3 tasks at L' 400,
+// i.e. 3 + 2 or 2 + 1 on two threads; the per-head split measured ~10% faster forward).
 //
 // Backward, key-chunked: the core's backward runs on chunks of at most kKeyChunk keys (P = exp(S - lse) is exact on
-// any key subset given the full-row lse), giving the chunk's dk, dv and its share of dq; the chunk's dkv then goes
-// straight into dW_kv += dkv^T x_chunk and dx_chunk = dkv W_kv, so only a (chunk, 2C) float32 dkv exists, never the
-// (B, L, 2C) one nor its dtype copy. dq is summed over the chunks in a fixed order, then the query side's GEMMs run
-// on the gathered sampled tokens; each sampled token is one row of dq, so its dx term is added through a strided
-// view without overlap. The saved K/V (B, L, 2C) is kept rather than recomputed: recomputing it costs the
-// forward's largest GEMM again (about a fifth of fwd+bwd) to save 13 MB at the issue-4 shape.
+// any key subset given the full-row lse), again per head in parallel, giving the chunk's dk, dv and its share of
+// dq; the chunk's dkv then goes straight into dW_kv += dkv^T x_chunk and dx_chunk = dkv W_kv, so only a
+// (chunk, 2C) float32 dkv exists, never the (B, L, 2C) one nor its dtype copy. dq is summed over the chunks in a
+// fixed order, then the query side's GEMMs run on the gathered sampled tokens; each sampled token is one row of dq,
+// so its dx term is added through a strided view without overlap. bfloat16 with several chunks sums dW_kv in
+// float32. The saved K/V (B, L, 2C) is kept rather than recomputed: recomputing it costs the forward's largest GEMM
+// again (~35 ms, about a fifth of fwd+bwd) to save 13 MB at the issue-4 shape.
+//
+// Scratch (fwd+bwd, beyond the output and the input gradients; peak RSS of a fresh process with glibc's mmap
+// threshold pinned): eager ~114 MB (the (H, L', L) scores, softmax and their gradients), ours ~25 MB (saved
+// q + kv + lse 14.7 MB, dq, one chunk's dq, a 6.5 MB dkv chunk; autograd no longer materializes zero gradients
+// for the non-differentiable q, kv, lse: see segvit/ops/query_pool_attention.py).
 //
 // Roofline (issue 4 shape: B 1, 40x40 grid -> L' 400, C 1024, 16 heads, float32, 2 threads of this machine's AVX-512
 // EPYC). MKL sgemm reaches ~185 GFLOP/s (175-200) both at the K/V shape (1600x1024 @ 1024x2048, ~35 ms) and at
@@ -24,6 +33,7 @@
 // Measured (idle machine, interleaved medians): forward 1.36x eager, on par with linear + SDPA (0.99x); fwd+bwd
 // 1.20x eager, 1.05x linear + SDPA.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -81,8 +91,9 @@ attention::HeadsView view(const at::Tensor& t, int64_t b, int64_t n0, int64_t ch
 }
 
 // Keys per step of the backward (see the header). Chunks are equal splits of L of at most this size, fixed by L
-// alone (so the result does not depend on the thread count), and large enough that the core's backward, which
-// parallelises over its own key blocks (kBackwardKeyBlock 512 in atm_attention.cpp), still gives two threads work.
+// alone (so the result does not depend on the thread count). Smaller chunks shrink the (chunk, 2C) float32 dkv but
+// cost time: at the issue-4 shape, 512 (chunks of 400 keys: 3.3 MB instead of 6.5) made the backward ~5% slower,
+// 256 ~15% (smaller tiles in the core, more and thinner projection GEMMs).
 constexpr int64_t kKeyChunk = 1024;
 
 }  // namespace
@@ -113,14 +124,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> query_pool_attention_
   at::Tensor q_2d = q.view({g.B * g.Lp, g.C});
   at::addmm_out(q_2d, bias.narrow(0, 0, g.C) * scale, gather_sampled(x, g), w.narrow(0, 0, g.C).t(), 1.0, scale);
 
-  attention::Problem p;
-  p.dtype = x.scalar_type();
-  p.B = g.B, p.H = g.H, p.Nq = g.Lp, p.Nk = g.L, p.D = g.D;
-  p.scale = 1.0f;
-  p.q = view(q, 0, 0, 0, g.D), p.k = view(kv, 0, 0, 0, g.D), p.v = view(kv, 0, 0, g.C, g.D);
-  p.out = view(out, 0, 0, 0, g.D);
-  p.lse = lse.data_ptr<float>();
-  attention::forward(p);
+  // One core call per (batch, head), run in parallel here (the core's own parallel_for then runs inline): B H
+  // equal tasks balance over the threads, where the core's (batch, query block) split gives B ceil(L' / block)
+  // (5 at L' 400: 3 + 2 on two threads). Each head's result does not depend on the thread that computes it.
+  float* lse_ptr = lse.data_ptr<float>();
+  at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / g.H, h = t % g.H;
+      attention::Problem p;
+      p.dtype = x.scalar_type();
+      p.B = 1, p.H = 1, p.Nq = g.Lp, p.Nk = g.L, p.D = g.D;
+      p.scale = 1.0f;
+      p.q = view(q, b, 0, h * g.D, g.D), p.k = view(kv, b, 0, h * g.D, g.D), p.v = view(kv, b, 0, g.C + h * g.D, g.D);
+      p.out = view(out, b, 0, h * g.D, g.D);
+      p.lse = lse_ptr + t * g.Lp;
+      attention::forward(p);
+    }
+  });
   return {out, q, kv, lse};
 }
 
@@ -187,15 +207,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> query_pool_attention_backward(
       const bool first_chunk = j0 == 0;
       at::Tensor dq_dst = first_chunk ? dq.narrow(0, b, 1) : dq_part;
       at::Tensor dkv_c = dkv.narrow(0, 0, n).unsqueeze(0);  // (1, n, 2C)
-      attention::Problem p;
-      p.dtype = dtype;
-      p.B = 1, p.H = g.H, p.Nq = g.Lp, p.Nk = n, p.D = g.D;
-      p.scale = 1.0f;
-      p.q = view(q, b, 0, 0, g.D), p.out = view(out, b, 0, 0, g.D), p.dout = view(dout, b, 0, 0, g.D);
-      p.k = view(kv, b, j0, 0, g.D), p.v = view(kv, b, j0, g.C, g.D);
-      p.lse = const_cast<float*>(lse.data_ptr<float>()) + b * g.H * g.Lp;
-      p.dq = view(dq_dst, 0, 0, 0, g.D), p.dk = view(dkv_c, 0, 0, 0, g.D), p.dv = view(dkv_c, 0, 0, g.C, g.D);
-      attention::backward(p);
+      // Per head, in parallel (as in the forward): every chunk size keeps H tasks for the threads.
+      at::parallel_for(0, g.H, 1, [&](int64_t h_begin, int64_t h_end) {
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          attention::Problem p;
+          p.dtype = dtype;
+          p.B = 1, p.H = 1, p.Nq = g.Lp, p.Nk = n, p.D = g.D;
+          p.scale = 1.0f;
+          const int64_t c = h * g.D;
+          p.q = view(q, b, 0, c, g.D), p.out = view(out, b, 0, c, g.D), p.dout = view(dout, b, 0, c, g.D);
+          p.k = view(kv, b, j0, c, g.D), p.v = view(kv, b, j0, g.C + c, g.D);
+          p.lse = const_cast<float*>(lse.data_ptr<float>()) + (b * g.H + h) * g.Lp;
+          p.dq = view(dq_dst, 0, 0, c, g.D), p.dk = view(dkv_c, 0, 0, c, g.D), p.dv = view(dkv_c, 0, 0, g.C + c, g.D);
+          attention::backward(p);
+        }
+      });
       if (!first_chunk) dq.select(0, b).add_(dq_part.select(0, 0));
 
       const at::Tensor dkv_2d = dkv_c.select(0, 0);
