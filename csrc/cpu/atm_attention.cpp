@@ -401,7 +401,7 @@ void backward_impl(const Problem& p) {
     std::vector<float> dk_acc(static_cast<size_t>(bk * D)), dv_acc(static_cast<size_t>(bk * D));
     std::vector<float> k_tile(kIsFloat ? 0 : static_cast<size_t>(bk * D)), v_tile(k_tile.size());
     std::vector<float> q_tile(kIsFloat ? 0 : static_cast<size_t>(bq * D)), do_tile(q_tile.size());
-    std::vector<float> dsim_tile(p.dsim != nullptr ? static_cast<size_t>(bq * bk) : 0);
+    std::vector<float> dsim_tile(p.dsim != nullptr && !kIsFloat ? static_cast<size_t>(bq * bk) : 0);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, c = task % chunks;
@@ -422,20 +422,27 @@ void backward_impl(const Problem& p) {
                                                   D, q_tile.data(), &ldq);
             const float* dot = load_tile<scalar_t>(p.dout.ptr, b * p.dout.batch + i0 * p.dout.row + h * p.dout.head,
                                                    mq, p.dout.row, D, do_tile.data(), &ldo);
+            // dsim rows (row stride ld_dsim): read in place when float32 (no per-head copy), else converted.
             const float* dsim_rows = nullptr;
+            int64_t ld_dsim = nk;
             if (p.dsim != nullptr) {
               const scalar_t* src = static_cast<const scalar_t*>(p.dsim) + (b * Nq + i0) * Nk + j0;
-              for (int64_t i = 0; i < mq; ++i) {
-                for (int64_t j = 0; j < nk; ++j) dsim_tile[i * nk + j] = static_cast<float>(src[i * Nk + j]);
+              if constexpr (kIsFloat) {
+                dsim_rows = src;
+                ld_dsim = Nk;
+              } else {
+                for (int64_t i = 0; i < mq; ++i) {
+                  for (int64_t j = 0; j < nk; ++j) dsim_tile[i * nk + j] = static_cast<float>(src[i * Nk + j]);
+                }
+                dsim_rows = dsim_tile.data();
               }
-              dsim_rows = dsim_tile.data();
             }
             gemm(false, true, mq, nk, D, qt, ldq, kt, ldk, 0.0f, scores.data(), nk);     // S = Q K^T
             gemm(false, true, mq, nk, D, dot, ldo, vt, ldv, 0.0f, dscores.data(), nk);  // dP = dO V^T
             const float* lse_row = p.lse + (b * H + h) * Nq + i0;
             const float* delta_row = delta.data() + (b * H + h) * Nq + i0;
             for (int64_t i = 0; i < mq; ++i) {
-              const float* dsim_i = dsim_rows != nullptr ? dsim_rows + i * nk : nullptr;
+              const float* dsim_i = dsim_rows != nullptr ? dsim_rows + i * ld_dsim : nullptr;
               if (dropout.active) {
                 probs_and_grad_dropout(scores.data() + i * nk, dscores.data() + i * nk, dsim_i, nk, scale, lse_row[i],
                                        delta_row[i], p.sim_scale, dropout.row_key((b * H + h) * Nq + i0 + i),
