@@ -1,10 +1,11 @@
 """Timing, peak memory and the device's roofline peaks.
 
-Time. CPU: ``torch.utils.benchmark.Timer`` (with the process's thread count, not its default of 1), one block of
-``number`` calls per variant per round, ``number`` chosen so a block lasts about ``block_s``; the rounds interleave
-the variants (rotating their order) so machine drift hits them alike; the result is the median over rounds of the
-per-call time of a block, with p20/p80 and min/max over rounds as the spread. CUDA: ``triton.testing.do_bench``
-(CUDA events, median) per variant per round, interleaved the same way.
+Time. CPU: ``time.perf_counter`` around one block of ``number`` calls per variant per round (after one untimed
+call, unless the block is one call of 50 ms or more), in the process's thread count, ``number`` chosen so a block
+lasts about ``block_s``; the rounds interleave the variants (rotating their order) so machine drift hits them
+alike; the result is the median over rounds of the per-call time of a block, with p20/p80 and min/max over rounds
+as the spread. CUDA: ``triton.testing.do_bench`` (CUDA events, median) per variant per round, interleaved the
+same way.
 
 Peak memory, the bytes a call needs above its inputs (outputs, saved tensors and temporaries included). CUDA:
 ``torch.cuda.max_memory_allocated()`` during the call minus ``memory_allocated()`` before it, in the timing process.
@@ -67,10 +68,18 @@ def block_s(fn, number, device):
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=5, rep=max(20, int(number)), return_mode="median") / 1e3
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.timeit(number).mean
+    # Not torch.utils.benchmark.Timer.timeit: it runs max(number // 100, 2) untimed calls before every block, which
+    # tripled the cost of the model cases (a Shrunk ViT-L training step is ~27 s here). Fast calls get one untimed
+    # call (caches after the other variants' blocks); a call of 50 ms or more needs none.
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    if first >= 0.05 and number == 1:
+        return first
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
 
 
 def time_interleaved(fns, rounds, block_target_s, device, first_call_s=None, on_block=None, block=None):
@@ -213,7 +222,10 @@ def _model_worker(conn, settings_dict, case_id, variant_name, threads):
             if command == "first":
                 counted = {}
 
-                def first_call():
+                def first_call():  # only eager's count is used (the case's FLOPs); counting slows a call ~30 %
+                    if variant_name != "eager":
+                        counted["flops"] = None
+                        return fn()
                     counted["flops"], result = count_flops(fn)
                     return result
 
@@ -291,17 +303,24 @@ class MemoryServer:
 
 
 def device_peaks(device, dtypes, quick=False):
-    """Measured matmul throughput (FLOP/s per dtype) and copy bandwidth (bytes/s) of the device."""
+    """Measured matmul throughput (FLOP/s per dtype) and copy bandwidth (bytes/s) of the device. The matmul peak is
+    the best over a square GEMM and a tall one shaped like a ViT-L projection (tokens x 1024 -> 2048): on this CPU
+    MKL is up to ~2x faster on some shapes than on others, and a floor taken from the slow shape would put
+    kernels above 100 % of the roofline."""
     n = 8192 if device == "cuda" else (1536 if quick else 2048)
-    flops = {}
+    shapes = [(n, n, n)] if device == "cuda" else [(n, n, n), (1600, 1024, 2048)]  # (M, K, N)
+    flops, best_shape = {}, {}
     for dtype in dtypes:
         dt = torch.bfloat16 if dtype == "bf16-autocast" else getattr(torch, dtype)
-        a = torch.randn(n, n, device=device, dtype=dt)
-        b = torch.randn(n, n, device=device, dtype=dt)
-        fn = lambda: torch.mm(a, b)  # noqa: E731
-        fn()
-        times = time_interleaved({"mm": fn}, 5, 0.2, device)["mm"]
-        flops[dtype] = 2 * n ** 3 / times["min_s"]  # best block: the peak the device can reach
+        for m, k, n_ in shapes:
+            a = torch.randn(m, k, device=device, dtype=dt)
+            b = torch.randn(k, n_, device=device, dtype=dt)
+            fn = lambda: torch.mm(a, b)  # noqa: E731
+            fn()
+            times = time_interleaved({"mm": fn}, 5, 0.2, device)["mm"]
+            rate = 2 * m * k * n_ / times["min_s"]  # best block: the peak the device can reach
+            if rate > flops.get(dtype, 0.0):
+                flops[dtype], best_shape[dtype] = rate, [m, k, n_]
     elements = (256 if device == "cuda" else 64) * 2 ** 20  # 1 GiB on CUDA, 256 MiB on CPU (far above caches)
     src = torch.randn(elements, device=device)
     dst = torch.empty_like(src)
@@ -309,12 +328,16 @@ def device_peaks(device, dtypes, quick=False):
     fn()
     times = time_interleaved({"copy": fn}, 5, 0.2, device)["copy"]
     bandwidth = 2 * elements * 4 / times["min_s"]  # read and write
-    return {"matmul_flops": flops, "copy_bandwidth": bandwidth, "matmul_n": n, "copy_bytes": elements * 4}
+    return {"matmul_flops": flops, "copy_bandwidth": bandwidth, "matmul_shape": best_shape, "copy_bytes": elements * 4}
 
 
 def best_peaks(*measurements):
     """The highest matmul throughput (per dtype) and copy bandwidth over several ``device_peaks`` results."""
     best = dict(measurements[0])
-    best["matmul_flops"] = {k: max(m["matmul_flops"][k] for m in measurements) for k in best["matmul_flops"]}
+    best["matmul_flops"], best["matmul_shape"] = {}, {}
+    for dtype in measurements[0]["matmul_flops"]:
+        top = max(measurements, key=lambda m: m["matmul_flops"][dtype])
+        best["matmul_flops"][dtype] = top["matmul_flops"][dtype]
+        best["matmul_shape"][dtype] = top.get("matmul_shape", {}).get(dtype)
     best["copy_bandwidth"] = max(m["copy_bandwidth"] for m in measurements)
     return best

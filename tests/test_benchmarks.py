@@ -192,7 +192,7 @@ class _FakeMemory:
 def test_tiny_run_writes_the_documented_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cases, "build_cases", _tiny_cases)
     monkeypatch.setattr(measure, "MemoryServer", _FakeMemory)
-    peaks = {"matmul_flops": {"float32": 1e9}, "copy_bandwidth": 1e8, "matmul_n": 1, "copy_bytes": 1}
+    peaks = {"matmul_flops": {"float32": 1e9}, "copy_bandwidth": 1e8, "matmul_shape": {"float32": [1, 1, 1]}, "copy_bytes": 1}
     monkeypatch.setattr(measure, "device_peaks", lambda *a, **k: peaks)
     out = tmp_path / "out"
     bench_main.main(["--device", "cpu", "--quick", "--ops", "atm_attention", "--out", str(out)])
@@ -276,3 +276,21 @@ def test_model_cases_run_in_fresh_worker_processes():
 def test_cli_rejects_unknown_ops():
     with pytest.raises(SystemExit):
         bench_main.main(["--ops", "atm_attention,nonsense"])
+
+
+def test_best_peaks_keeps_each_dtypes_best_gemm_and_its_shape():
+    start = {"matmul_flops": {"float32": 1e11, "bfloat16": 3e11}, "copy_bandwidth": 2e10,
+             "matmul_shape": {"float32": [8, 8, 8], "bfloat16": [8, 8, 8]}, "copy_bytes": 4}
+    end = {"matmul_flops": {"float32": 2e11, "bfloat16": 1e11}, "copy_bandwidth": 1e10,
+           "matmul_shape": {"float32": [16, 4, 32], "bfloat16": [16, 4, 32]}, "copy_bytes": 4}
+    best = measure.best_peaks(start, end)
+    assert best["matmul_flops"] == {"float32": 2e11, "bfloat16": 3e11}
+    assert best["matmul_shape"] == {"float32": [16, 4, 32], "bfloat16": [8, 8, 8]}
+    assert best["copy_bandwidth"] == 2e10
+
+
+def test_cpu_block_time_counts_every_call_of_the_block():
+    calls = []
+    per_call = measure.block_s(lambda: calls.append(1), 7, "cpu")
+    assert len(calls) == 8  # one untimed call, then the block of 7
+    assert per_call >= 0
