@@ -96,13 +96,13 @@ def _by_id(settings):
 def test_cases_use_the_published_shapes_and_counts():
     cpu = _by_id(cases.Settings(device="cpu"))
     vit_b = cpu["atm_attention/vit-b16_ade20k_512/fwd/float32"]
-    assert "Nq150 Nk1024 H12 D32" in vit_b.label and vit_b.batch == 1
-    assert vit_b.flops == 4 * 12 * 150 * 1024 * 32  # two (150, 32) x (32, 1024) products per image and head
+    assert "B2 Nq150 Nk1024 H12 D32" in vit_b.label and vit_b.batch == 2  # issue 4's CPU batch
+    assert vit_b.flops == 2 * 4 * 12 * 150 * 1024 * 32  # two (150, 32) x (32, 1024) products per image and head
     assert "Nq150 Nk1600 H16 D32" in cpu["atm_attention/vit-l16_shrunk_ade20k_640/fwd+bwd/float32"].label
     assert "Nq171 Nk1024" in cpu["atm_attention/vit-l16_cocostuff10k_512/fwd/float32"].label
     assert "Nq60 Nk900" in cpu["atm_attention/vit-l16_pc60_480/fwd/float32"].label
     qpa = cpu["query_pool_attention/vit-l16_shrunk_ade20k_640/fwd/float32"]
-    assert "L1600->400 C1024 H16" in qpa.label
+    assert "B1 L1600->400 C1024 H16" in qpa.label
     assert qpa.flops == 2 * 1024 * 1024 * (400 + 3200) + 4 * 400 * 1600 * 1024
     mc = cpu["mask_classify/vit-l16_shrunk_ade20k_640/fwd/float32"]
     assert "Q150 40x40->640x640" in mc.label and mc.flops == 2 * 150 * 150 * 640 * 640
@@ -122,8 +122,9 @@ def test_mask_losses_case_counts_its_present_pairs():
     present = [set(l.unique().tolist()) - {255} for l in labels]
     assert [len(p) for p in present] == [cases.PRESENT_CLASSES] * 2
     case = _by_id(cases.Settings(device="cpu", quick=True))["mask_losses/vit-b16_ade20k_512/fwd/float32"]
+    assert case.batch == 2 and "20 masks" in case.label  # issue 4's loss case: B 2, 20 present (image, class) pairs
     assert case.flops == counts.mask_losses(
-        1, 150, (32, 32), (512, 512), cases.PRESENT_CLASSES)[0]
+        2, 150, (32, 32), (512, 512), 2 * cases.PRESENT_CLASSES)[0]
 
 
 @pytest.mark.parametrize("group", ["atm_attention", "query_pool_attention", "mask_losses", "mask_classify"])
