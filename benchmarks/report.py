@@ -14,7 +14,7 @@ from benchmarks import cases, counts
 # One row per case and variant; the machine columns repeat on every row so a CSV row stands alone.
 CASE_FIELDS = ["case_id", "group", "label", "mode", "dtype", "batch", "variant", "status", "reason"]
 MEASURE_FIELDS = ["median_ms", "p20_ms", "p80_ms", "min_ms", "max_ms", "rounds", "number", "speedup_vs_eager",
-                  "peak_mem_mb", "output_mb", "mem_ratio_vs_eager", "mem_note", "flops", "bytes", "gflops_per_s",
+                  "peak_mem_mb", "output_mb", "mem_ratio_vs_eager", "scratch_mb", "scratch_ratio_vs_eager", "mem_note", "flops", "bytes", "gflops_per_s",
                   "gb_per_s", "floor_ms", "time_over_floor", "roofline_pct"]
 MACHINE_FIELDS = ["device", "device_name", "cpu_model", "cores", "threads", "torch", "triton", "segvit", "python",
                   "commit", "quick"]
@@ -37,6 +37,9 @@ def derive(rows, case, peaks):
     """Fill speed-up and memory ratio over eager, and the roofline columns, in place."""
     eager = next((r for r in rows if r["variant"] == "eager" and r["status"] == "ok"), None)
     floor_s = counts.roofline_floor(case.flops, case.bytes, peak_flops(peaks, case.dtype), peaks["copy_bandwidth"])
+    for row in rows:  # scratch: what a call needs beyond its outputs (fwd+bwd: the input gradients), issue 4's measure
+        if row["status"] == "ok" and row.get("peak_mem_mb") is not None and row.get("output_mb") is not None:
+            row["scratch_mb"] = max(row["peak_mem_mb"] - row["output_mb"], 0.0)
     for row in rows:
         row.update(flops=case.flops, bytes=case.bytes)
         if row["status"] != "ok":
@@ -46,6 +49,8 @@ def derive(rows, case, peaks):
             row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
             if row.get("peak_mem_mb") is not None and eager.get("peak_mem_mb"):
                 row["mem_ratio_vs_eager"] = row["peak_mem_mb"] / eager["peak_mem_mb"]
+        if row.get("scratch_mb") is not None and eager is not None and eager.get("scratch_mb"):
+            row["scratch_ratio_vs_eager"] = row["scratch_mb"] / eager["scratch_mb"]
         if case.flops:
             row["gflops_per_s"] = case.flops / seconds / 1e9
         if case.bytes:

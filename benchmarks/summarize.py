@@ -42,20 +42,22 @@ def summary_markdown(results: dict, source: str | None = None) -> str:
         f"{meta.get('duration_s', 0):.0f} s. Measured roofline: matmul {matmul}, copy "
         f"{peaks['copy_bandwidth'] / 1e9:.1f} GB/s." + _load(meta) + (f" Files: `{source}`." if source else ""),
         "",
-        "| op | case | mode | variant | median ms (p20-p80) | x eager | peak MB | mem / eager | % roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | case | mode | variant | median ms (p20-p80) | x eager | peak MB | mem / eager | scratch / eager "
+        "| % roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         case = _escape(row["label"])
         if row["status"] != "ok":
             lines.append(f"| {row['group']} | {case} | {row['mode']} | {_escape(row['variant'])} | "
-                         f"{_escape(row['reason'])} | | | | |")
+                         f"{_escape(row['reason'])} | | | | | |")
             continue
         lines.append(
             f"| {row['group']} | {case} | {row['mode']} | {_escape(row['variant'])} | "
             f"{row['median_ms']:.1f} ({row['p20_ms']:.1f}-{row['p80_ms']:.1f}) | "
             f"{_num(row['speedup_vs_eager'], '.2f', 'x')} | {_num(row['peak_mem_mb'], '.1f')} | "
-            f"{_num(row['mem_ratio_vs_eager'], '.2f')} | {_num(row['roofline_pct'], '.1f')} |")
+            f"{_num(row['mem_ratio_vs_eager'], '.2f')} | {_num(row.get('scratch_ratio_vs_eager'), '.2f')} | "
+            f"{_num(row['roofline_pct'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -63,7 +65,7 @@ def compact_markdown(results: dict, source: str | None = None) -> str:
     """One row per case: eager's time and memory, then each other variant as speed-up / memory ratio."""
     header = summary_markdown(results, source).split("\n\n")[0]
     lines = [header, "", "| op | case | mode | eager ms | eager peak MB | other variants: speed-up over eager, "
-             "peak memory / eager |", "|---|---|---|---|---|---|"]
+             "peak memory / eager, scratch (peak beyond the outputs) / eager |", "|---|---|---|---|---|---|"]
     rows = results["results"]
     for case_id in dict.fromkeys(r["case_id"] for r in rows):
         case_rows = [r for r in rows if r["case_id"] == case_id]
@@ -77,7 +79,8 @@ def compact_markdown(results: dict, source: str | None = None) -> str:
                 others.append(f"{row['variant']}: {row['status']} ({reason[:70]})")
             else:
                 others.append(f"{row['variant']}: {_num(row['speedup_vs_eager'], '.2f', 'x')}, "
-                              f"mem {_num(row['mem_ratio_vs_eager'], '.2f')}")
+                              f"mem {_num(row['mem_ratio_vs_eager'], '.2f')}, "
+                              f"scratch {_num(row.get('scratch_ratio_vs_eager'), '.2f')}")
         first = case_rows[0]
         ok = eager is not None and eager["status"] == "ok"
         lines.append(f"| {first['group']} | {_escape(first['label'])} | {first['mode']} | "

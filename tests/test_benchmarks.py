@@ -216,6 +216,8 @@ def test_tiny_run_writes_the_documented_files(tmp_path, monkeypatch, capsys):
     assert eager["p20_ms"] <= eager["median_ms"] <= eager["p80_ms"]
     assert plain["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / plain["median_ms"])
     assert plain["peak_mem_mb"] == 1.0 and plain["mem_ratio_vs_eager"] == 0.25
+    assert plain["scratch_mb"] == 1.0 - 1 / 1024 and eager["scratch_mb"] == 4.0 - 1 / 1024
+    assert plain["scratch_ratio_vs_eager"] == pytest.approx((1024 - 1) / (4096 - 1))
     flops, moved = counts.atm_attention(1, 3, 5, 2, 4)
     floor_ms = max(flops / 1e9, moved / 1e8) * 1e3
     assert plain["flops"] == flops and plain["bytes"] == moved and plain["floor_ms"] == pytest.approx(floor_ms)
