@@ -231,11 +231,12 @@ def _atm_cases(settings, dtype, configs):
                 return lambda st: _grads_call(lambda: forward(st["q"], st["k"], st["v"]),
                                               (st["q"], st["k"], st["v"]), st["grads"])
 
-            op_call = wrap(lambda q, k, v: segvit.ops.atm_attention(q, k, v, scale=scale))
+            op_call = wrap(lambda q, k, v, scale=scale: segvit.ops.atm_attention(q, k, v, scale=scale))
             variants = [_backend_variant("eager", op_call),
-                        _plain_variant("torch (sdpa+matmul)", wrap(lambda q, k, v: atm_torch(q, k, v, scale)))]
+                        _plain_variant("torch (sdpa+matmul)",
+                                       wrap(lambda q, k, v, scale=scale: atm_torch(q, k, v, scale)))]
             if settings.device == "cuda":
-                variants.append(_xformers_variant(wrap(lambda q, k, v: atm_xformers(q, k, v, scale))))
+                variants.append(_xformers_variant(wrap(lambda q, k, v, scale=scale: atm_xformers(q, k, v, scale))))
             variants += _fused_variants(settings, op_call)
             flops, moved = counts.atm_attention(batch, queries, keys, heads, head_dim, backward=backward, elem=elem)
             mode = "fwd+bwd" if backward else "fwd"
@@ -335,7 +336,8 @@ def _qpa_cases(settings, dtype, configs):
         grid, channels, num_heads = (s["grid"], s["grid"]), s["channels"], s["backbone_heads"]
         tokens, pooled = grid[0] * grid[1], math.prod(pooled_grid(grid))
         for backward in (False, True):
-            def setup(backward=backward, seed=200 + len(cases)):
+            # every loop value a closure reads is bound as a default: a free variable would see the last config's
+            def setup(backward=backward, tokens=tokens, pooled=pooled, channels=channels, seed=200 + len(cases)):
                 dev, dt = settings.device, _dtype(dtype)
                 x = _randn((batch, tokens, channels), dt, dev, seed, backward)
                 w = _randn((3 * channels, channels), dt, dev, seed + 1, backward, scale=channels ** -0.5)
@@ -348,10 +350,12 @@ def _qpa_cases(settings, dtype, configs):
                 return lambda st: _grads_call(lambda: (forward(st["x"], st["w"], st["b"]),),
                                               (st["x"], st["w"], st["b"]), st["grads"])
 
-            op_call = wrap(lambda x, w, b: segvit.ops.query_pool_attention(x, grid, w, b, num_heads))
+            op_call = wrap(lambda x, w, b, grid=grid, heads=num_heads: segvit.ops.query_pool_attention(x, grid, w, b,
+                                                                                                       heads))
             variants = [_backend_variant("eager", op_call),
-                        _plain_variant("torch (linear+sdpa)", wrap(lambda x, w, b: query_pool_torch(x, grid, w, b,
-                                                                                                    num_heads)))]
+                        _plain_variant("torch (linear+sdpa)",
+                                       wrap(lambda x, w, b, grid=grid, heads=num_heads: query_pool_torch(x, grid, w, b,
+                                                                                                     heads)))]
             variants += _fused_variants(settings, op_call)
             flops, moved = counts.query_pool_attention(batch, tokens, pooled, channels, backward=backward,
                                                        elem=_dtype(dtype).itemsize)

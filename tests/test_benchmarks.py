@@ -311,3 +311,27 @@ def test_cpu_peak_memory_sees_a_short_lived_buffer():
     peak, output = measure.sampled_peak(call)
     assert 0.95 * size <= peak < 3 * size
     assert output == 4
+
+
+def test_every_op_case_builds_the_tensors_its_label_names():
+    """Each case's setup must build its own config's shapes (closures in a loop once all built the last one's)."""
+    import re
+
+    for case in cases.build_cases(cases.Settings(device="cpu", groups=tuple(g for g in cases.GROUPS
+                                                                             if g != "models"))):
+        st = case.setup()
+        numbers = {k: int(v) for k, v in re.findall(r"(Nq|Nk|H|D|L|Q|K)(\d+)", case.label)}
+        if case.group == "atm_attention":
+            assert st["q"].shape == (case.batch, numbers["Nq"], numbers["H"], numbers["D"]), case.id
+            assert st["k"].shape[1] == numbers["Nk"], case.id
+        elif case.group == "query_pool_attention":
+            pooled = int(re.search(r"->(\d+)", case.label).group(1))
+            assert st["x"].shape[1] == numbers["L"] and st["grads"][0].shape[1] == pooled, case.id
+            if case.mode == "fwd":
+                assert case.variants[0].make(st, check=False)().shape[1] == pooled, case.id
+        elif case.group == "mask_classify":
+            assert st["mask_logits"].shape[1] == numbers["Q"], case.id
+            assert f"{st['out_size'][0]}x{st['out_size'][1]}" in case.label, case.id
+        else:
+            assert st["mask_logits"].shape[1] == numbers["K"], case.id
+            assert f"labels {st['labels'].shape[1]}x{st['labels'].shape[2]}" in case.label, case.id
