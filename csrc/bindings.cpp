@@ -73,7 +73,6 @@ py::dict build_info() {
 #endif
   info["torch_version"] = SEGVIT_STRINGIFY(TORCH_VERSION_MAJOR) "." SEGVIT_STRINGIFY(TORCH_VERSION_MINOR) "." SEGVIT_STRINGIFY(
       TORCH_VERSION_PATCH);
-  info["ops"] = py::make_tuple("segvit::mask_classify");
   return info;
 }
 

@@ -48,7 +48,14 @@ def build_info() -> dict:
     module = load()
     if module is None:
         return {"available": False, "reason": _reason}
-    return {"available": True, **module.build_info()}
+    return {"available": True, **module.build_info(), "kernels": registered_kernels()}
+
+
+def registered_kernels() -> dict[str, list[str]]:
+    """The ``segvit::`` ops that have a kernel for each device, read from the dispatcher (not a hand-kept list)."""
+    names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("segvit::")]
+    return {key.lower(): sorted(n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, key))
+            for key in ("CPU", "CUDA")}
 
 
 def has_cuda_kernels() -> bool:

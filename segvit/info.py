@@ -19,7 +19,14 @@ def report() -> str:
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton: not installed")
-    lines.append(f"extension segvit._C: {_extension.build_info()}")
+    info = _extension.build_info()
+    if info.pop("available"):
+        kernels = info.pop("kernels")
+        lines.append("extension segvit._C: built")
+        lines += [f"  {key}: {value}" for key, value in info.items()]
+        lines += [f"  {device} kernels: {', '.join(names) or 'none'}" for device, names in kernels.items()]
+    else:
+        lines.append(f"extension segvit._C: {info['reason']}")
     lines.append(f"selected backend: {_dispatch.get_backend()}")
     lines.append("backends:")
     lines += [f"  {name:7s} {why}" for name, why in _dispatch.available_backends().items()]

@@ -111,3 +111,8 @@ def test_opcheck():
 def test_build_info():
     info = _extension.build_info()
     assert info["available"] and "cpu_isa" in info and isinstance(info["cuda"], bool)
+    assert set(info["kernels"]["cpu"]) == {"segvit::mask_classify", "segvit::mask_loss_stats",
+                                           "segvit::mask_loss_stats_backward", "segvit::atm_attention_fwd",
+                                           "segvit::atm_attention_bwd", "segvit::query_pool_attention_fwd",
+                                           "segvit::query_pool_attention_bwd"}
+    assert bool(info["kernels"]["cuda"]) == info["cuda"]
