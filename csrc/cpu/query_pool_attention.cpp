@@ -30,8 +30,9 @@
 // backward adds 15.1 GFLOP of projection GEMMs (dW, dx) and 6.6 of attention products (S recomputed); at GEMM peak
 // our 32 GFLOP take ~173 ms against eager's ~221 ms: a 1.28x bound. 1.5x (147 ms) would leave 25 ms for 9.2 GFLOP
 // of attention products after the 122 ms of shared projection GEMMs: twice BLAS peak, i.e. impossible.
-// Measured (idle machine, interleaved medians): forward 1.36x eager, on par with linear + SDPA (0.99x); fwd+bwd
-// 1.20x eager, 1.05x linear + SDPA.
+// Measured at this shape (benchmarks/results/cpu, an AVX2 Zen 3 EPYC at ~131 GFLOP/s, interleaved medians): forward
+// 1.58x eager and 1.03x linear + SDPA; fwd+bwd 1.22x eager and 1.01x linear + SDPA (on the AVX-512 machine above:
+// 1.36x / 0.99x and 1.20x / 1.05x).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
