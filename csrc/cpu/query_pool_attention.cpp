@@ -22,9 +22,9 @@
 // q + kv + lse 14.7 MB, dq, one chunk's dq, a 6.5 MB dkv chunk; autograd no longer materializes zero gradients
 // for the non-differentiable q, kv, lse: see segvit/ops/query_pool_attention.py).
 //
-// Roofline (issue 4 shape: B 1, 40x40 grid -> L' 400, C 1024, 16 heads, float32, 2 threads of this machine's AVX-512
-// EPYC). MKL sgemm reaches ~185 GFLOP/s (175-200) both at the K/V shape (1600x1024 @ 1024x2048, ~35 ms) and at
-// 4096^3. Forward: 10.2 GFLOP = projections 7.5 (K/V 6.7, q 0.84) + attention products 2.6; eager runs the same
+// Roofline (issue 4 shape: B 1, 40x40 grid -> L' 400, C 1024, 16 heads, float32, 2 threads of an AVX-512 EPYC of
+// this workplace). MKL sgemm reaches ~185 GFLOP/s (175-200) both at the K/V shape (1600x1024 @ 1024x2048, ~35 ms)
+// and at 4096^3. Forward: 10.2 GFLOP = projections 7.5 (K/V 6.7, q 0.84) + attention products 2.6; eager runs the same
 // projections through the same BLAS (~40 ms of its ~84 ms). Even with every FLOP at GEMM peak the forward takes
 // 55 ms, a 1.52x bound over eager before any softmax work, so 1.5x is not reachable in practice. fwd+bwd: the
 // backward adds 15.1 GFLOP of projection GEMMs (dW, dx) and 6.6 of attention products (S recomputed); at GEMM peak
@@ -32,7 +32,9 @@
 // of attention products after the 122 ms of shared projection GEMMs: twice BLAS peak, i.e. impossible.
 // Measured at this shape (benchmarks/results/cpu, an AVX2 Zen 3 EPYC at ~131 GFLOP/s, interleaved medians): forward
 // 1.58x eager and 1.03x linear + SDPA; fwd+bwd 1.22x eager and 1.01x linear + SDPA (on the AVX-512 machine above:
-// 1.36x / 0.99x and 1.20x / 1.05x).
+// 1.36x / 0.99x and 1.20x / 1.05x). On the Zen 3 eager's fwd+bwd runs at only 57% of the GEMM peak (30.5 GFLOP in
+// 410 ms), so the bound above loosens to 1.76x, but 1.5x would still take 85% of peak on every FLOP, the attention's
+// thin (K = D = 64) tile products included; ours and linear + SDPA both sustain ~70%.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
