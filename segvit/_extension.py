@@ -53,7 +53,10 @@ def build_info() -> dict:
 
 def registered_kernels() -> dict[str, list[str]]:
     """The ``segvit::`` ops that have a kernel for each device, read from the dispatcher (not a hand-kept list)."""
-    names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("segvit::")]
+    list_ops = getattr(torch._C, "_dispatch_get_all_op_names", None)  # private API: absent means "not known"
+    if list_ops is None:
+        return {}
+    names = [name for name in list_ops() if name.startswith("segvit::")]
     return {key.lower(): sorted(n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, key))
             for key in ("CPU", "CUDA")}
 

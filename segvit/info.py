@@ -21,7 +21,7 @@ def report() -> str:
         lines.append("triton: not installed")
     info = _extension.build_info()
     if info.pop("available"):
-        kernels = info.pop("kernels")
+        kernels = info.pop("kernels") or {"kernels": ["(not listed by this torch)"]}
         lines.append("extension segvit._C: built")
         lines += [f"  {key}: {value}" for key, value in info.items()]
         lines += [f"  {device} kernels: {', '.join(names) or 'none'}" for device, names in kernels.items()]

@@ -235,11 +235,18 @@ at::Tensor mask_classify(const at::Tensor& class_logits, const at::Tensor& mask_
 }
 
 std::string isa_info() {
-  std::string info = "generic target (-O3, no -march)";
+  std::string info = "generic target (-O3 -fno-trapping-math, no -march)";
 #if SEGVIT_HAVE_TARGET_CLONES
   __builtin_cpu_init();
   info += std::string("; bilinear loops: target_clones(avx2, default), this CPU runs the ") +
           (__builtin_cpu_supports("avx2") ? "avx2" : "default") + " clone";
+#if defined(__GNUC__) && !defined(__clang__)
+  // The attention and mask-loss loops (csrc/cpu/atm_attention.cpp, mask_losses.cpp) clone for x86-64-v4/v3/default
+  // under GCC (the same condition as theirs).
+  const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+  info += std::string("; attention and loss loops: target_clones(x86-64-v4, x86-64-v3, default), this CPU runs ") +
+          (v4 ? "x86-64-v4" : v3 ? "x86-64-v3" : "default");
+#endif
 #else
   info += "; bilinear loops: generic only (no target_clones on this platform/compiler)";
 #endif
