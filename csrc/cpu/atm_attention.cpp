@@ -24,7 +24,7 @@
 // Where the time goes (fp32, D 32): the tile GEMMs (K = D = 32 for S and dP, so at best ~60-70% of the FMA peak)
 // dominate (two thirds of the forward, MKL packing included); exp (csrc/common/fast_exp.h, vectorized, ~1 ulp) is
 // about a fifth on an AVX2 Zen 3 (0.6 ns per element per thread), the row passes the rest. (While GCC left that
-// loop scalar for AVX2, before -fno-trapping-math and the bit-built 2^n, it was 40% and the kernel 1.7x slower.)
+// loop scalar for AVX2, before -fno-trapping-math and the bit-built 2^n, it was 40% and the kernel ~2x slower.)
 // fwd+bwd does 7 GEMMs of the (Nq, Nk) size per head against eager autograd's 6 (the backward recomputes S instead
 // of reading a saved (B, H, Nq, Nk) tensor), so its speed-up over eager comes only from the memory traffic eager
 // spends on its (B, H, Nq, Nk) logits, probabilities and their gradients.
