@@ -21,10 +21,12 @@ def report() -> str:
         lines.append("triton: not installed")
     info = _extension.build_info()
     if info.pop("available"):
-        kernels = info.pop("kernels") or {"kernels": ["(not listed by this torch)"]}
+        kernels = info.pop("kernels")
         lines.append("extension segvit._C: built")
         lines += [f"  {key}: {value}" for key, value in info.items()]
         lines += [f"  {device} kernels: {', '.join(names) or 'none'}" for device, names in kernels.items()]
+        if not kernels:
+            lines.append("  kernels: not listed (this torch has no dispatcher listing)")
     else:
         lines.append(f"extension segvit._C: {info['reason']}")
     lines.append(f"selected backend: {_dispatch.get_backend()}")

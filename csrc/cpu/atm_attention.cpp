@@ -51,12 +51,7 @@
 #include "common/fast_exp.h"
 #include "common/online_softmax.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(SEGVIT_NO_TARGET_CLONES)
-#define SEGVIT_TILE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SEGVIT_TILE_CLONES
-#endif
+#include "cpu/arch_clones.h"
 
 // MKL as exported by libtorch_cpu on x86_64 (weak: other BLAS builds still load and use the at::mm_out path).
 // Calling sgemm_ directly skips ATen's per-call tensor and dispatch overhead (several microseconds), which matters
@@ -116,7 +111,7 @@ const float* load_tile(const void* base, int64_t offset, int64_t rows, int64_t r
 }
 
 // sim_acc[j] += s[j]; returns max_j scale * s[j].
-SEGVIT_TILE_CLONES
+SEGVIT_ARCH_CLONES
 float accumulate_and_max(const float* __restrict s, float* __restrict sim_acc, int64_t n, float scale) {
   float mx = kNegInf;
   if (sim_acc != nullptr) {
@@ -133,7 +128,7 @@ float accumulate_and_max(const float* __restrict s, float* __restrict sim_acc, i
 }
 
 // s[j] = exp(scale * s[j] - shift); returns the sum.
-SEGVIT_TILE_CLONES
+SEGVIT_ARCH_CLONES
 float exp_shifted(float* __restrict s, int64_t n, float scale, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -147,7 +142,7 @@ float exp_shifted(float* __restrict s, int64_t n, float scale, float shift) {
 
 // ds[j] = scale * p[j] * (ds[j] - delta) + sim_scale * dsim[j] (dsim may be null); p[j] = exp(scale * s[j] - lse)
 // is computed into s first.
-SEGVIT_TILE_CLONES
+SEGVIT_ARCH_CLONES
 void probs_and_grad(float* __restrict s, float* __restrict ds, const float* __restrict dsim, int64_t n, float scale,
                     float lse, float delta, float sim_scale) {
 #pragma omp simd
@@ -162,7 +157,7 @@ void probs_and_grad(float* __restrict s, float* __restrict ds, const float* __re
   }
 }
 
-SEGVIT_TILE_CLONES
+SEGVIT_ARCH_CLONES
 void scale_row(float* __restrict x, int64_t n, float factor) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= factor;
@@ -210,7 +205,7 @@ inline float keep(uint32_t row_key, uint32_t j, int32_t threshold) {
 
 // p[j] *= keep(row_key, j0 + j): the forward folds the dropped probabilities into the output accumulator (the row
 // sum, taken before, stays that of the un-dropped softmax).
-SEGVIT_TILE_CLONES
+SEGVIT_ARCH_CLONES
 void drop_row(float* __restrict p, int64_t n, uint32_t row_key, uint32_t j0, int32_t threshold) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) p[j] *= keep(row_key, j0 + static_cast<uint32_t>(j), threshold);
@@ -218,7 +213,7 @@ void drop_row(float* __restrict p, int64_t n, uint32_t row_key, uint32_t j0, int
 
 // probs_and_grad with dropout mask m and c = 1 / (1 - p_drop): with P = exp(scale s - lse) and dO V^T in ds,
 // s[j] = c m P (the dropped probabilities, for dV), ds[j] = scale P (c m ds[j] - delta) + sim_scale dsim[j].
-SEGVIT_TILE_CLONES
+SEGVIT_ARCH_CLONES
 void probs_and_grad_dropout(float* __restrict s, float* __restrict ds, const float* __restrict dsim, int64_t n,
                             float scale, float lse, float delta, float sim_scale, uint32_t row_key, uint32_t j0,
                             int32_t threshold, float keep_scale) {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/bilinear.h"
+#include "cpu/arch_clones.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(SEGVIT_NO_TARGET_CLONES)
@@ -240,9 +241,8 @@ std::string isa_info() {
   __builtin_cpu_init();
   info += std::string("; bilinear loops: target_clones(avx2, default), this CPU runs the ") +
           (__builtin_cpu_supports("avx2") ? "avx2" : "default") + " clone";
-#if defined(__GNUC__) && !defined(__clang__)
-  // The attention and mask-loss loops (csrc/cpu/atm_attention.cpp, mask_losses.cpp) clone for x86-64-v4/v3/default
-  // under GCC (the same condition as theirs).
+#if SEGVIT_HAVE_ARCH_CLONES
+  // The attention and mask-loss loops (csrc/cpu/atm_attention.cpp, mask_losses.cpp): csrc/cpu/arch_clones.h.
   const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
   info += std::string("; attention and loss loops: target_clones(x86-64-v4, x86-64-v3, default), this CPU runs ") +
           (v4 ? "x86-64-v4" : v3 ? "x86-64-v3" : "default");

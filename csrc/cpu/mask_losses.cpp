@@ -38,12 +38,7 @@
 #include "common/bilinear.h"
 #include "common/mask_loss_math.h"
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(SEGVIT_NO_TARGET_CLONES)
-#define SEGVIT_LOSS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SEGVIT_LOSS_CLONES
-#endif
+#include "cpu/arch_clones.h"
 
 namespace segvit::cpu {
 namespace {
@@ -132,7 +127,7 @@ struct Geometry {
 };
 
 // dst[x] = src[col0[x]] * colw0[x] + src[col1[x]] * colw1[x]: one low-res row, horizontally interpolated.
-SEGVIT_LOSS_CLONES
+SEGVIT_ARCH_CLONES
 void lerp_columns(const float* __restrict src, const int32_t* __restrict x0, const int32_t* __restrict x1,
                   const float* __restrict l0, const float* __restrict l1, int64_t n, float* __restrict dst) {
   for (int64_t x = 0; x < n; ++x) {
@@ -163,13 +158,13 @@ SEGVIT_INLINE void row_forward_body(const float* __restrict top, const float* __
   sums[3] = target;
 }
 
-SEGVIT_LOSS_CLONES
+SEGVIT_ARCH_CLONES
 void row_forward_square(const float* top, const float* bottom, float l0, float l1, const int32_t* labels, int32_t cls,
                         int64_t n, FocalParams fp, float* sums) {
   row_forward_body<true>(top, bottom, l0, l1, labels, cls, n, fp, sums);
 }
 
-SEGVIT_LOSS_CLONES
+SEGVIT_ARCH_CLONES
 void row_forward_pow(const float* top, const float* bottom, float l0, float l1, const int32_t* labels, int32_t cls,
                      int64_t n, FocalParams fp, float* sums) {
   row_forward_body<false>(top, bottom, l0, l1, labels, cls, n, fp, sums);
@@ -199,7 +194,7 @@ SEGVIT_INLINE void row_backward_body(const float* __restrict top, const float* _
   }
 }
 
-SEGVIT_LOSS_CLONES
+SEGVIT_ARCH_CLONES
 void row_backward_square(const float* top, const float* bottom, float l0, float l1, const int32_t* labels, int32_t cls,
                          int64_t n, FocalParams fp, float g_focal, float g_prob_target, float g_prob, float* grad,
                          float* acc_top, float* acc_bottom) {
@@ -207,7 +202,7 @@ void row_backward_square(const float* top, const float* bottom, float l0, float 
                           acc_bottom);
 }
 
-SEGVIT_LOSS_CLONES
+SEGVIT_ARCH_CLONES
 void row_backward_pow(const float* top, const float* bottom, float l0, float l1, const int32_t* labels, int32_t cls,
                       int64_t n, FocalParams fp, float g_focal, float g_prob_target, float g_prob, float* grad,
                       float* acc_top, float* acc_bottom) {
