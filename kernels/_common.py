@@ -1,6 +1,8 @@
 """Helpers shared by the Triton kernels: availability, interpreter detection, launch-config choice, test poisoning."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -20,6 +22,24 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Test hook: when True, launchers fill the buffers the kernels write with NaN, so an element a kernel forgets to
 # write fails the comparison instead of passing as stale memory.
 POISON = False
+
+
+def on_inputs_device(fn):
+    """Decorator of the custom-op implementations (the launchers): run ``fn`` under a device guard of its first
+    tensor argument's device, so the kernels launch on that device and its current stream (tensors on ``cuda:1``
+    while ``cuda:0`` is current), and with autocast off for that device type, so the ATen calls between kernels
+    (projections, the similarity GEMM) keep the dtypes the op's fake kernel states. The public ops have applied the
+    autocast policy to the inputs before (segvit/ops/_autocast.py)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with contextlib.ExitStack() as stack:
+            if device.type == "cuda":
+                stack.enter_context(torch.cuda.device(device))
+            if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+                stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:

@@ -310,6 +310,7 @@ def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 # ---- torch.library wiring ----
 
 @torch.library.custom_op("segvit::triton_atm_attention", mutates_args=())
+@_common.on_inputs_device
 def _atm_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, sim, lse, seed); lse and seed are saved for the backward."""
@@ -329,6 +330,7 @@ def _(q, k, v, scale, dropout_p):
 
 
 @torch.library.custom_op("segvit::triton_atm_attention_backward", mutates_args=())
+@_common.on_inputs_device
 def _atm_backward_op(dout: torch.Tensor, dsim: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -150,14 +150,14 @@ def _launch(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_size: lis
     else:
         def grid(meta):
             return triton.cdiv(Hout * Wout, meta["BLOCK_P"]), triton.cdiv(K, meta["BLOCK_C"]), B
-        with torch.cuda.device(class_logits.device):
-            _TUNED["fp32" if class_logits.dtype == torch.float32 else "half"][grid](*args)
+        _TUNED["fp32" if class_logits.dtype == torch.float32 else "half"][grid](*args)
     return out
 
 
 if triton is not None:
 
     @torch.library.custom_op("segvit::triton_mask_classify", mutates_args=())
+    @_common.on_inputs_device
     def _triton_mask_classify(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                               out_size: list[int]) -> torch.Tensor:
         return _launch(class_logits, mask_logits, out_size)

@@ -238,8 +238,7 @@ def _forward(mask_logits, labels, ignore_index: int, alpha: float, gamma: float)
     if INTERPRET:
         _fwd[(num_tiles, B)](*args, **cfg)
     else:
-        with torch.cuda.device(device):
-            _fwd[(num_tiles, B)](*args)
+        _fwd[(num_tiles, B)](*args)
     sums = partial.sum(1)  # fixed-order reduction over tiles: deterministic
     focal = sums[:, 0] / (Hl * Wl)
     inter, sig, tgt = sums[:, 1], sums[:, 2], sums[:, 3]
@@ -298,8 +297,7 @@ def _backward(grad_focal, grad_dice, mask_logits, labels, stats, num_masks, alph
     if INTERPRET:
         _bwd[grid](*args, **cfg)
     else:
-        with torch.cuda.device(device):
-            _bwd[grid](*args)
+        _bwd[grid](*args)
     return grad.to(mask_logits.dtype)
 
 
@@ -308,6 +306,7 @@ if triton is not None:
     assert len({(c["BLOCK_I"], c["BLOCK_J"]) for c in BWD_CONFIGS}) == 1, "host tap ranges assume one block shape"
 
     @torch.library.custom_op("segvit::triton_mask_losses", mutates_args=())
+    @_common.on_inputs_device
     def _triton_mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, alpha: float,
                             gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _forward(mask_logits, labels, ignore_index, alpha, gamma)
@@ -320,6 +319,7 @@ if triton is not None:
                 mask_logits.new_empty((), dtype=torch.int64), mask_logits.new_empty((B, K, 3), **f32))
 
     @torch.library.custom_op("segvit::triton_mask_losses_backward", mutates_args=())
+    @_common.on_inputs_device
     def _triton_mask_losses_backward(grad_focal: torch.Tensor, grad_dice: torch.Tensor, mask_logits: torch.Tensor,
                                      labels: torch.Tensor, stats: torch.Tensor, num_masks: torch.Tensor,
                                      alpha: float, gamma: float) -> torch.Tensor:

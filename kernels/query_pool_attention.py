@@ -74,6 +74,7 @@ def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("segvit::triton_query_pool_attention", mutates_args=())
+@_common.on_inputs_device
 def _qp_op(x: torch.Tensor, grid: list[int], in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor,
            num_heads: int, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out (B, L', C), q (B, L', C), kv (B, L, 2C), lse); q, kv and lse are saved for the backward."""
@@ -107,6 +108,7 @@ def _(x, grid, in_proj_weight, in_proj_bias, num_heads, stride):
 
 
 @torch.library.custom_op("segvit::triton_query_pool_attention_backward", mutates_args=())
+@_common.on_inputs_device
 def _qp_backward_op(dout: torch.Tensor, x: torch.Tensor, in_proj_weight: torch.Tensor, q: torch.Tensor,
                     kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grid: list[int], num_heads: int,
                     stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from segvit.ops import _autocast
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -23,12 +25,19 @@ def same(name_a: str, a: int, name_b: str, b: int, what: str) -> None:
         raise ValueError(f"{name_b}: expected {what} {a} (as {name_a}), got {b}")
 
 
-def same_device_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.device != ref.device:
             raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
+
+
+def same_device_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    same_device(ref_name, ref, **others)
+    for name, t in others.items():
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {t.dtype}"
+                            + ("" if _autocast.active_dtype(ref.device) else
+                               " (mixed dtypes are cast only inside torch.autocast)"))
 
 
 def size_pair(name: str, size) -> tuple[int, int]:

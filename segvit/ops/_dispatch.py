@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from segvit.ops import _autocast
+
 BACKENDS = ("eager", "triton", "cpp", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 # Preference of ``auto`` by device type; eager is always last and always fits.
@@ -77,6 +79,12 @@ class Op:
 
     def __call__(self, *args, **kwargs):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        # The op's public function has applied the autocast policy (segvit/ops/_autocast.py) to the inputs; the
+        # backend itself runs with autocast off, so its ATen calls are not re-cast.
+        with _autocast.disabled(device):
+            return self._run(device, *args, **kwargs)
+
+    def _run(self, device, *args, **kwargs):
         if _selected != "auto":
             reasons = self.why_not(_selected, *args, **kwargs)
             if reasons:
@@ -101,7 +109,7 @@ def _warn_once(op: str, backend: str, reasons: list[str]) -> None:
     reasons = [r for r in reasons if not r.startswith("forward only")]
     if reasons and (op, backend) not in _warned:
         _warned.add((op, backend))
-        warnings.warn(f"segvit.ops.{op}: auto skipped backend {backend!r}: {'; '.join(reasons)}", stacklevel=3)
+        warnings.warn(f"segvit.ops.{op}: auto skipped backend {backend!r}: {'; '.join(reasons)}", stacklevel=4)
 
 
 OPS: dict[str, Op] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segvit.ops import _checks
+from segvit.ops import _autocast, _checks
 from segvit.ops._dispatch import op
 
 _OP = op("atm_attention")
@@ -23,10 +23,18 @@ def atm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
 
     ``sim`` is SegViT's mask logits. ``dropout_p`` drops attention probabilities (training only: pass 0 in
     eval). Differentiable in q, k, v through both outputs. Fused backends never materialize (B, H, Nq, Nk).
+
+    Dtypes: q, k, v share one dtype and ``out`` and ``sim`` have it. Inside ``torch.autocast`` of their device,
+    float32 / float16 / bfloat16 inputs (mixed ones included) are first cast to the autocast dtype, the op runs with
+    autocast off and ``out`` and ``sim`` are in the autocast dtype (the ``LOWER`` rule of segvit/ops/_autocast.py,
+    as for ``scaled_dot_product_attention``). Every backend accumulates the products and the softmax statistics in
+    float32.
     """
     _checks.tensor("q", q, 4, "(B, Nq, H, D)")
     _checks.tensor("k", k, 4, "(B, Nk, H, D)")
     _checks.tensor("v", v, 4, "(B, Nk, H, D)")
+    _checks.same_device("q", q, k=k, v=v)
+    q, k, v = _autocast.cast_inputs(q.device, q, k, v)
     _checks.same_device_dtype("q", q, k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"v: expected shape {tuple(k.shape)} (as k), got {tuple(v.shape)}")

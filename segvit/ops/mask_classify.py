@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segvit.ops import _checks
+from segvit.ops import _autocast, _checks
 from segvit.ops._dispatch import op
 
 _OP = op("mask_classify")
@@ -20,20 +20,30 @@ def mask_classify(class_logits: torch.Tensor, mask_logits: torch.Tensor, out_siz
     for c < K: the softmax runs over all K+1 classes and the last ("no object") is then dropped. ``bilinear`` is
     ``F.interpolate(mode="bilinear", align_corners=False)``. Fused backends never materialize the
     (B, Q, Hout, Wout) upsampled masks; they are forward only (gradients come from the eager backend).
+
+    Dtypes: both logits share one dtype and the scores have it. Inside ``torch.autocast`` of their device,
+    float32 / float16 / bfloat16 inputs are first cast to the autocast dtype, the op runs with autocast off and the
+    scores are in the autocast dtype (the ``LOWER`` rule of segvit/ops/_autocast.py, as ``einsum``: the
+    (B, K, Hout, Wout) scores are the op's largest tensor). Softmax, interpolation and sigmoid are computed in
+    float32 by the fused backends and the contraction accumulates in float32.
     """
-    _validate(class_logits, mask_logits, out_size)
+    class_logits, mask_logits = _validate(class_logits, mask_logits, out_size)
     return _OP(class_logits, mask_logits, _checks.size_pair("out_size", out_size))
 
 
-def _validate(class_logits, mask_logits, out_size) -> None:
+def _validate(class_logits, mask_logits, out_size):
+    """The inputs after the autocast policy, validated."""
     _checks.tensor("class_logits", class_logits, 3, "(B, Q, K+1)")
     _checks.tensor("mask_logits", mask_logits, 4, "(B, Q, h, w)")
+    _checks.same_device("class_logits", class_logits, mask_logits=mask_logits)
+    class_logits, mask_logits = _autocast.cast_inputs(class_logits.device, class_logits, mask_logits)
     _checks.same_device_dtype("class_logits", class_logits, mask_logits=mask_logits)
     _checks.same("class_logits", class_logits.shape[0], "mask_logits", mask_logits.shape[0], "batch size")
     _checks.same("class_logits", class_logits.shape[1], "mask_logits", mask_logits.shape[1], "query count Q")
     if class_logits.shape[2] < 2:
         raise ValueError(f"class_logits: expected K+1 >= 2 class columns, got {class_logits.shape[2]}")
     _checks.size_pair("out_size", out_size)
+    return class_logits, mask_logits
 
 
 def eager(class_logits, mask_logits, out_size):

@@ -28,6 +28,11 @@ def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index
     ``num_masks = max(number of pairs, 1)`` (a 0-d int64 tensor); the losses are unweighted float32 scalars
     (float64 for float64 input). Differentiable with respect to ``mask_logits``. Fused backends never materialize
     the upsampled logits or one-hot targets.
+
+    Dtypes: mask_logits float32, float16 or bfloat16 (float64 too) is read in its own dtype and every term is
+    computed in float32 (float64 for float64). ``torch.autocast`` changes nothing: the op runs with autocast off
+    and the losses stay float32 (the ``FLOAT32`` rule of segvit/ops/_autocast.py, as PyTorch's losses), whatever
+    the logits' dtype.
     """
     _checks.tensor("mask_logits", mask_logits, 4, "(B, K, h, w)")
     _checks.tensor("labels", labels, 3, "(B, Hl, Wl)", dtypes=_LABEL_DTYPES)

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from segvit.ops import _checks
+from segvit.ops import _autocast, _checks
 from segvit.ops._dispatch import op
 
 _OP = op("query_pool_attention")
@@ -31,10 +31,18 @@ def query_pool_attention(x: torch.Tensor, grid, in_proj_weight: torch.Tensor, in
 
     returns the heads merged, (B, L', C). Differentiable in x and both parameters. Fused backends project only
     the sampled tokens and never materialize the sampled copy of x or the (B, H, L', L) scores.
+
+    Dtypes: x and both parameters share one dtype and the output has it. Inside ``torch.autocast`` of their
+    device, float32 / float16 / bfloat16 inputs (float32 LayerNorm output and float32 master weights included) are
+    first cast to the autocast dtype, the op runs with autocast off and returns the autocast dtype (the ``LOWER``
+    rule of segvit/ops/_autocast.py, as ``linear`` and ``scaled_dot_product_attention``); the gradients of float32
+    parameters come back in float32. Every backend accumulates in float32.
     """
     _checks.tensor("x", x, 3, "(B, L, C)")
     _checks.tensor("in_proj_weight", in_proj_weight, 2, "(3C, C)")
     _checks.tensor("in_proj_bias", in_proj_bias, 1, "(3C,)")
+    _checks.same_device("x", x, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias)
+    x, in_proj_weight, in_proj_bias = _autocast.cast_inputs(x.device, x, in_proj_weight, in_proj_bias)
     _checks.same_device_dtype("x", x, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias)
     gh, gw = _checks.size_pair("grid", grid)
     batch, length, channels = x.shape
