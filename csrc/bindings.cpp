@@ -31,21 +31,40 @@ TORCH_LIBRARY(segvit, m) {
         "Tensor kv, Tensor out, Tensor lse, int num_heads, int stride) -> (Tensor, Tensor, Tensor)");
 }
 
+namespace {
+
+// Each kernel runs with autocast excluded: the ATen calls inside (the projections of query_pool_attention, the BLAS
+// fallbacks) then compute in the dtypes the op was called with, which are the dtypes its fake kernel states. Without
+// this, a direct call inside torch.autocast re-cast them (bfloat16 inputs, float16 kv). segvit.ops applies the autocast
+// policy at the op boundary before calling (segvit/ops/_autocast.py).
+template <auto Kernel>
+struct WithoutAutocast;
+
+template <typename Result, typename... Args, Result (*Kernel)(Args...)>
+struct WithoutAutocast<Kernel> {
+  static Result call(Args... args) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return Kernel(std::forward<Args>(args)...);
+  }
+};
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(segvit, CPU, m) {
-  m.impl("mask_classify", &segvit::cpu::mask_classify);
-  m.impl("mask_loss_stats", &segvit::cpu::mask_loss_stats);
-  m.impl("mask_loss_stats_backward", &segvit::cpu::mask_loss_stats_backward);
-  m.impl("atm_attention_fwd", &segvit::cpu::atm_attention_forward);
-  m.impl("atm_attention_bwd", &segvit::cpu::atm_attention_backward);
-  m.impl("query_pool_attention_fwd", &segvit::cpu::query_pool_attention_forward);
-  m.impl("query_pool_attention_bwd", &segvit::cpu::query_pool_attention_backward);
+  m.impl("mask_classify", &WithoutAutocast<&segvit::cpu::mask_classify>::call);
+  m.impl("mask_loss_stats", &WithoutAutocast<&segvit::cpu::mask_loss_stats>::call);
+  m.impl("mask_loss_stats_backward", &WithoutAutocast<&segvit::cpu::mask_loss_stats_backward>::call);
+  m.impl("atm_attention_fwd", &WithoutAutocast<&segvit::cpu::atm_attention_forward>::call);
+  m.impl("atm_attention_bwd", &WithoutAutocast<&segvit::cpu::atm_attention_backward>::call);
+  m.impl("query_pool_attention_fwd", &WithoutAutocast<&segvit::cpu::query_pool_attention_forward>::call);
+  m.impl("query_pool_attention_bwd", &WithoutAutocast<&segvit::cpu::query_pool_attention_backward>::call);
 }
 
 #ifdef SEGVIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(segvit, CUDA, m) {
-  m.impl("mask_classify", &segvit::cuda::mask_classify);
-  m.impl("mask_loss_stats", &segvit::cuda::mask_loss_stats);
-  m.impl("mask_loss_stats_backward", &segvit::cuda::mask_loss_stats_backward);
+  m.impl("mask_classify", &WithoutAutocast<&segvit::cuda::mask_classify>::call);
+  m.impl("mask_loss_stats", &WithoutAutocast<&segvit::cuda::mask_loss_stats>::call);
+  m.impl("mask_loss_stats_backward", &WithoutAutocast<&segvit::cuda::mask_loss_stats_backward>::call);
 }
 #endif
 

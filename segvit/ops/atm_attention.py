@@ -100,8 +100,9 @@ def _cpp_backward(ctx, grad_out, grad_sim, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_sim is None:
         grad_sim = q.new_zeros((q.shape[0], q.shape[1], k.shape[1]))
-    grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale,
-                                                                *ctx.dropout)
+    with _autocast.disabled(q.device):  # a backward() called inside autocast must not re-cast the kernel's GEMMs
+        grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale,
+                                                                    *ctx.dropout)
     return (grad_q, grad_k, grad_v, None) + (None,) * len(ctx.dropout)
 
 

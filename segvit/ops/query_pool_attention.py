@@ -114,8 +114,9 @@ def _cpp_backward(ctx, grad_out, grad_q, grad_kv, grad_lse):
     x, in_proj_weight, q, kv, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_x, grad_w, grad_b = torch.ops.segvit.query_pool_attention_bwd(
-        grad_out, x, ctx.grid, in_proj_weight, q, kv, out, lse, ctx.num_heads, ctx.stride)
+    with _autocast.disabled(x.device):  # a backward() called inside autocast must not re-cast the kernel's GEMMs
+        grad_x, grad_w, grad_b = torch.ops.segvit.query_pool_attention_bwd(
+            grad_out, x, ctx.grid, in_proj_weight, q, kv, out, lse, ctx.num_heads, ctx.stride)
     return grad_x, None, grad_w, grad_b, None, None
 
 
