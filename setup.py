@@ -2,32 +2,43 @@
 
     pip install --no-build-isolation -e .     # development (editable)
     pip install --no-build-isolation .        # regular install
+    python -m build --no-isolation            # sdist, then a wheel built from it (dist/)
 
-The extension compiles against the installed torch, hence --no-build-isolation. Environment flags:
+The extension compiles against the installed torch, hence --no-build-isolation: an isolated build has no torch (it is
+left out of [build-system].requires on purpose, so no build ever fetches a multi-GB torch that differs from the one
+you run) and stops here with a line saying so. Metadata, dependencies and console scripts are in pyproject.toml.
+Environment flags:
     SEGVIT_SKIP_CUDA=1      never build the CUDA sources (csrc/**/*.cu), even with a CUDA torch and nvcc
-    SEGVIT_CUDA_ARCHS       ";"-separated compute capabilities for the CUDA sources, default "80;90"
+    SEGVIT_CUDA_ARCHS       compute capabilities for the CUDA sources, default "80;90": SASS for each, PTX for the newest
+    SEGVIT_WERROR=1         every compiler warning is an error (C++ and CUDA, host and device; what CI builds with)
     MAX_JOBS                parallel compile jobs (ninja), default 2: the CUDA files are memory-hungry
+    CUDA_HOME / CUDA_PATH   the CUDA toolkit; when unset it is found from nvcc (see build_tools/cuda_build.py)
 """
 
 import glob
 import os
-import re
 import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, is_ninja_available
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_tools/ (shipped in the sdist, not installed)
+from build_tools import cuda_build  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    # One line, not a traceback: what pip shows from an isolated build (`pip install .`).
+    sys.exit("segvit's extension builds against the torch you run, and this build environment has no torch (pip's "
+             "default build isolation hides an installed one): install torch, then "
+             "`pip install --no-build-isolation .`")
+
+WERROR = os.environ.get("SEGVIT_WERROR", "0") == "1"
 
 
-def read_version():
-    with open(os.path.join(ROOT, "segvit", "__init__.py"), encoding="utf-8") as f:
-        match = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", f.read(), re.M)
-    if match is None:
-        raise RuntimeError("segvit/__init__.py does not define __version__")
-    return match.group(1)
+def cuda_sources_wanted():
+    return (os.environ.get("SEGVIT_SKIP_CUDA", "0") != "1" and torch.version.cuda is not None
+            and bool(sources("*.cu")))
 
 
 def sources(pattern):
@@ -35,12 +46,24 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
 
 
-def cuda_arch_flags():
-    flags = []
-    for arch in filter(None, (a.strip() for a in os.environ.get("SEGVIT_CUDA_ARCHS", "80;90").split(";"))):
-        arch = arch.replace(".", "")
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    return flags
+def settle_cuda_home():
+    """Find the CUDA toolkit and set CUDA_HOME before torch.utils.cpp_extension reads it (once, at import): torch's
+    own guess, the parent of the first nvcc's bin/, fails to link where that nvcc is a wrapper or a symlink. Stops
+    with one line saying what to set when no usable toolkit is found."""
+    try:
+        home = cuda_build.find_cuda_home()
+    except cuda_build.CudaHomeError as exc:
+        sys.exit(str(exc))
+    os.environ["CUDA_HOME"] = home.root
+    if "torch.utils.cpp_extension" in sys.modules:  # imported already (by a plugin, say): its copy too
+        sys.modules["torch.utils.cpp_extension"].CUDA_HOME = home.root
+    print(f"segvit: CUDA toolkit {home.root} (found by {home.found_by}), runtime in {home.cudart_dir}", file=sys.stderr)
+    return home
+
+
+CUDA = settle_cuda_home() if cuda_sources_wanted() else None
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, is_ninja_available  # noqa: E402
 
 
 def extension():
@@ -48,12 +71,7 @@ def extension():
         raise RuntimeError("building segvit._C needs ninja: pip install ninja")
     cpp_sources = sources("*.cpp")
     cuda_sources = sources("*.cu")
-    with_cuda = (
-        os.environ.get("SEGVIT_SKIP_CUDA", "0") != "1"
-        and torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and bool(cuda_sources)
-    )
+    with_cuda = CUDA is not None
     # CPU flags: -O3 for the generic x86-64 target, never -march=native (the build must run on any x86_64). The
     # ISA-heavy work is left to PyTorch's runtime-dispatched kernels (BLAS GEMM, vectorized sigmoid) and the kernel's
     # own inner loops carry a runtime-selected AVX2 clone (target_clones, see csrc/cpu/mask_classify.cpp), so no
@@ -69,6 +87,8 @@ def extension():
         # to the copy torch has already loaded (same soname), so there is one OpenMP runtime in the process.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+    if WERROR:
+        cxx_flags += ["-Wall", "-Werror"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         return CppExtension(
@@ -78,11 +98,17 @@ def extension():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", *cuda_arch_flags()]
+    # No --use_fast_math (see cuda_build.nvcc_flags): nothing runs CUDA here to test its consequences.
+    nvcc_flags = cuda_build.nvcc_flags(cuda_build.parse_archs(os.environ.get("SEGVIT_CUDA_ARCHS")), werror=WERROR)
+    # torch links against <CUDA_HOME>/lib64 (or lib/); a toolkit with its runtime only under targets/*/lib/ needs it
+    # named.
+    torch_lib = os.path.join(CUDA.root, "lib64" if os.path.isdir(os.path.join(CUDA.root, "lib64")) else "lib")
+    library_dirs = [] if os.path.realpath(CUDA.cudart_dir) == os.path.realpath(torch_lib) else [CUDA.cudart_dir]
     return CUDAExtension(
         "segvit._C",
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
+        library_dirs=library_dirs,
         define_macros=[("SEGVIT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
@@ -99,16 +125,14 @@ os.environ.setdefault("MAX_JOBS", "2")
 packages = find_packages(include=["segvit", "segvit.*"])
 packages += ["segvit.kernels"] + ["segvit.kernels." + p for p in find_packages(where="kernels")]
 
+# Name, version, dependencies, extras and console scripts: pyproject.toml's [project]. What goes into the sdist:
+# MANIFEST.in. Only the configs are package data (include_package_data would also install MANIFEST.in's other files
+# that lie inside a package, e.g. kernels/README.md).
 setup(
-    name="segvit",
-    version=read_version(),
-    description="SegViT semantic segmentation with fused Triton, C++ and CUDA kernels",
-    python_requires=">=3.10",
     packages=packages,
     package_dir={"segvit.kernels": "kernels"},
     package_data={"segvit.configs": ["*.json"]},
-    install_requires=["torch>=2.4", "numpy", 'triton; platform_system=="Linux"', "tqdm", "pillow"],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
+    include_package_data=False,
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

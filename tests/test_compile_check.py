@@ -28,6 +28,7 @@ def test_nvcc_command():
     assert "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE" in cmd and "-I/torch/include" in cmd
     assert cmd[cmd.index("-Werror") + 1] == "all-warnings"
     assert "-Werror" in cmd[cmd.index("-Xcompiler") + 1]
+    assert "--use_fast_math" not in cmd  # as in setup.py's build: its consequences are not tested here
     device_only = compile_check.nvcc_command("/x/nvcc", "/src/k.cu", "80", "/tmp/k.cubin", [], host=False)
     assert device_only[1] == "-cubin" and "-gencode=arch=compute_80,code=sm_80" in device_only
 
