@@ -221,3 +221,95 @@ def test_dtype_errors_inside_and_outside_autocast():
             segvit.ops.atm_attention(q, q.double(), q)  # float64 is never cast, as autocast does
     with pytest.raises(ValueError, match=r"mask_logits: expected device cpu \(as class_logits\), got meta"):
         segvit.ops.mask_classify(torch.randn(1, 2, 3), torch.randn(1, 2, 3, 3, device="meta"), (4, 4))
+
+
+# ------------------------------------------------------------------------------------------------- the models
+
+def _set_dropout(model, p):
+    """The decoder's dropout (attention weights and residual branches) and the backbone's drop path set to ``p``
+    (the backbone's attention dropout is 0 in every published config)."""
+    for module in model.head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        for name in ("dropout", "attn_drop"):  # nn.MultiheadAttention's and ATMAttention's float rates
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+    for block in model.backbone.blocks:
+        block.drop_path.p = p
+
+
+def _step(model, images, labels, dtype=None):
+    """One training step's loss (float) and the parameters' gradients, under autocast when ``dtype`` is given."""
+    model.zero_grad()
+    criterion = segvit.SegViTLoss.for_model(model)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        out = model(images)
+        losses = criterion(out, labels)
+        loss = sum(losses.values())
+    loss.backward()
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _model(make_config, head):
+    return segvit.build_model(make_config(head=head, img_size=48, num_classes=4, drop_path_rate=0.1))
+
+
+def _data():
+    images = torch.randn(2, 3, 48, 48)
+    labels = torch.randint(0, 4, (2, 48, 48))
+    labels[0, :7] = 255
+    return images, labels
+
+
+@pytest.mark.parametrize("backend,low", BACKENDS)
+@pytest.mark.parametrize("head", ["ATMHead", "TPNATMHead"])
+def test_model_training_step_under_autocast_with_dropout(make_config, head, backend, low):
+    model = _model(make_config, head).train()
+    _set_dropout(model, 0.1)  # the published rate, in the decoder's attention and residuals (and drop path)
+    images, labels = _data()
+    with segvit.ops.use_backend(backend):
+        loss, grads = _step(model, images, labels, low)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        if name == "backbone.cls_token":  # never reaches the output (tests/test_models.py)
+            continue
+        g = grads.get(name)
+        assert g is not None and g.dtype == torch.float32, f"{name}: gradient {None if g is None else g.dtype}"
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("backend,low", BACKENDS)
+@pytest.mark.parametrize("head", ["ATMHead", "TPNATMHead"])
+def test_model_under_autocast_tracks_float32(make_config, head, backend, low):
+    # Dropout off, so the float32 step and the autocast step compute the same function: the low-precision loss and
+    # gradients stay close to float32 (loss within 3 %, every parameter group's gradient direction within 0.98).
+    model = _model(make_config, head).train()
+    _set_dropout(model, 0.0)
+    images, labels = _data()
+    with segvit.ops.use_backend(backend):
+        loss32, grads32 = _step(model, images, labels)
+        grads32 = {n: g.clone() for n, g in grads32.items()}
+        loss_low, grads_low = _step(model, images, labels, low)
+    assert abs(loss_low.item() - loss32.item()) <= 0.03 * abs(loss32.item())
+    flat32 = torch.cat([g.flatten() for g in grads32.values()])
+    flat_low = torch.cat([grads_low[n].flatten() for n in grads32])
+    cosine = torch.nn.functional.cosine_similarity(flat32, flat_low, dim=0).item()
+    assert cosine >= 0.98, f"gradient cosine similarity {cosine:.4f} between float32 and {low} autocast"
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+@pytest.mark.parametrize("backend,low", BACKENDS)
+@pytest.mark.parametrize("head", ["ATMHead", "TPNATMHead"])
+def test_model_predict_under_autocast(make_config, head, backend, low, mode):
+    model = _model(make_config, head).eval()
+    images = torch.randn(1, 3, 48, 56)
+    with torch.no_grad(), segvit.ops.use_backend(backend):
+        expected = model.predict(images, mode=mode)
+        with torch.autocast("cpu", dtype=low):
+            scores = model.predict(images, mode=mode)
+    assert scores.shape == expected.shape == (1, 4, 48, 56) and torch.isfinite(scores).all()
+    assert scores.dtype in (low, torch.float32)
+    # Scores are sums of (probability x sigmoid) over the queries: low precision moves them by ~1e-2 at most.
+    assert (scores.float() - expected).abs().max().item() <= 5e-2
+    agree = (scores.float().argmax(1) == expected.argmax(1)).float().mean().item()
+    assert agree >= 0.9, f"{agree:.1%} of the pixels keep their float32 class under {low} autocast"
