@@ -271,3 +271,26 @@ def test_a_pretrained_url_is_never_downloaded():
         assert _pretrained(cfg, None) is None
     with pytest.raises(FileNotFoundError, match="--pretrained"):
         _pretrained(cfg, "/nonexistent/vit.pth")
+
+
+def test_bf16_run_of_a_shrunk_model(tmp_path, synthetic):
+    """`segvit.train --amp bf16` of a Shrunk model (query pooling in the backbone, TPN-ATM head) trains and evaluates:
+    inside autocast the pooling block hands the op float32 LayerNorm output and float32 weights (issue 9)."""
+    import json
+
+    from conftest import tiny_config
+    from segvit import train
+
+    with open(TINY) as f:
+        cfg = json.load(f)
+    model = tiny_config(head="TPNATMHead", img_size=64, num_classes=4, embed_dims=64, num_layers=4, heads=4)
+    model["backbone"]["drop_path_rate"] = 0.1
+    cfg["model"] = model
+    path = tmp_path / "tiny_shrunk.json"
+    path.write_text(json.dumps(cfg))
+    train.main(["--config", str(path), "--data", synthetic, "--work-dir", str(tmp_path / "w"), "--iters", "2",
+                "--batch-size", "2", "--amp", "bf16", "--log-interval", "1", "--eval-interval", "2", "--no-progress"])
+    records = _log(tmp_path / "w")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any("mIoU" in r for r in records)
