@@ -5,7 +5,9 @@ kernels; this module adds their fake (meta) kernels, so ``torch.compile`` and ``
 """
 from __future__ import annotations
 
+import re
 import threading
+import warnings
 
 import torch
 
@@ -33,6 +35,7 @@ def load():
         else:
             _register_fakes()
             _module, _reason = _C, "available"
+            _check_torch_version(_C.build_info().get("torch_version", ""))
         _loaded = True
     return _module
 
@@ -48,7 +51,24 @@ def build_info() -> dict:
     module = load()
     if module is None:
         return {"available": False, "reason": _reason}
-    return {"available": True, **module.build_info(), "kernels": registered_kernels()}
+    info = module.build_info()
+    return {"available": True, **info, "torch_version_running": torch.__version__,
+            "torch_version_matches": info.get("torch_version") == _release(torch.__version__),
+            "kernels": registered_kernels()}
+
+
+def _release(version: str) -> str:
+    """major.minor.patch of a torch version string ("2.14.1+cu130" -> "2.14.1"), as build_info() reports it."""
+    match = re.match(r"\d+\.\d+\.\d+", version)
+    return match.group() if match else version
+
+
+def _check_torch_version(built: str) -> None:
+    # A build against one torch that runs under another: an isolated build (which got its own torch), or torch
+    # upgraded under the extension. Often it fails to load (undefined symbols, handled above); when it loads, say so.
+    if built and built != _release(torch.__version__):
+        warnings.warn(f"segvit._C was built against torch {built} but torch {torch.__version__} is running: rebuild "
+                      f"it against this torch ({_BUILD_HINT})", RuntimeWarning, stacklevel=3)
 
 
 def registered_kernels() -> dict[str, list[str]]:

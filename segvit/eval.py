@@ -134,5 +134,11 @@ def main(argv=None) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``segvit-eval``: main() returns its results for callers; a console script's return value would
+    become its exit status."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

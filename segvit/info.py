@@ -38,5 +38,10 @@ def report() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m segvit.info`` and the console script ``segvit-info``."""
     print(report())
+
+
+if __name__ == "__main__":
+    main()

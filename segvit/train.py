@@ -276,5 +276,11 @@ def main(argv=None) -> dict:
     return {"iterations": max_iters, "eval": last_eval, "work_dir": args.work_dir}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``segvit-train``: main() returns its results for callers; a console script's return value would
+    become its exit status."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()
