@@ -219,8 +219,24 @@ def test_dtype_errors_inside_and_outside_autocast():
         assert out.dtype == sim.dtype == torch.bfloat16
         with pytest.raises(TypeError, match=r"k: expected dtype torch.bfloat16 \(as q\), got torch.float64"):
             segvit.ops.atm_attention(q, q.double(), q)  # float64 is never cast, as autocast does
-    with pytest.raises(ValueError, match=r"mask_logits: expected device cpu \(as class_logits\), got meta"):
-        segvit.ops.mask_classify(torch.randn(1, 2, 3), torch.randn(1, 2, 3, 3, device="meta"), (4, 4))
+
+
+def test_inputs_on_two_devices_are_named():
+    # The device check comes before any cast or dispatch, inside autocast too ("meta" stands in for a second device).
+    meta = dict(device="meta")
+    calls = [("k", lambda: segvit.ops.atm_attention(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8, **meta),
+                                                    torch.randn(1, 3, 2, 8))),
+             ("in_proj_bias", lambda: segvit.ops.query_pool_attention(
+                 torch.randn(1, 6, 4), (2, 3), torch.randn(12, 4), torch.randn(12, **meta), 2)),
+             ("mask_logits", lambda: segvit.ops.mask_classify(torch.randn(1, 2, 3), torch.randn(1, 2, 3, 3, **meta),
+                                                              (4, 4))),
+             ("labels", lambda: segvit.ops.mask_losses(torch.randn(1, 2, 3, 3), torch.zeros(1, 4, 4, dtype=torch.long,
+                                                                                             **meta)))]
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for name, call in calls:
+                with pytest.raises(ValueError, match=rf"{name}: expected device cpu \(as \w+\), got meta"):
+                    call()
 
 
 # ------------------------------------------------------------------------------------------------- the models
