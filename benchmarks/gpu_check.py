@@ -11,8 +11,9 @@
    tables.
 
 Each step runs in its own process group under a time limit (pytest 240 s, the benchmarks 210 s together, so the
-whole check ends within 8 minutes); a step that runs over is terminated (SIGTERM, then SIGKILL), recorded as timed
-out, and the check goes on. Every file written is kept under 16 MiB (logs keep their head and tail).
+whole check ends within 8 minutes); a step that runs over is stopped (pytest with SIGINT, so it still reports the
+tests it ran and writes its junit xml; the benchmarks with SIGTERM; SIGKILL to the group 15 s later), recorded as
+timed out, and the check goes on. Every file written is kept under 16 MiB (logs keep their head and tail).
 
 Exit status: 0 when every test passed and the benchmarks completed; 1 when a test failed or errored, pytest timed
 out or crashed, or wrote no junit report; 3 when the tests passed but a benchmark step failed or timed out;
@@ -48,6 +49,9 @@ class Step:
     command: list
     log: str
     timeout_s: float
+    # The first signal at the time limit: SIGINT for pytest (it stops, reports the tests run so far and writes the
+    # junit xml, as on Ctrl-C), SIGTERM for the benchmarks (they end their worker processes on it).
+    stop_signal: int = signal.SIGTERM
     status: str = "not run"  # "ok", "failed (exit N)", "timed out after N s", "not run", "skipped: why"
     returncode: int | None = None
     seconds: float = 0.0
@@ -105,8 +109,7 @@ def cap_junit(path: str, limit: int = MAX_FILE_BYTES, text_limit: int = 4000) ->
 
 def run_step(step: Step, cwd: str = ROOT, env: dict | None = None, grace_s: float = 15.0) -> Step:
     """Runs ``step.command`` with stdout and stderr into ``step.log``, in its own process group; past
-    ``step.timeout_s`` the group gets SIGTERM (the benchmarks end their worker processes on it), then SIGKILL
-    ``grace_s`` later if the child is still there."""
+    ``step.timeout_s`` the group gets ``step.stop_signal``, then SIGKILL ``grace_s`` later."""
     if step.timeout_s <= 0:
         step.status = "skipped: no time left in the budget"
         return step
@@ -116,7 +119,7 @@ def run_step(step: Step, cwd: str = ROOT, env: dict | None = None, grace_s: floa
         log.flush()
         try:
             proc = subprocess.Popen(step.command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_default_sigint)
         except OSError as exc:
             step.status = f"failed to start: {exc}"
             return step
@@ -124,7 +127,7 @@ def run_step(step: Step, cwd: str = ROOT, env: dict | None = None, grace_s: floa
             step.returncode = proc.wait(timeout=step.timeout_s)
             step.status = "ok" if step.returncode == 0 else f"failed (exit {step.returncode})"
         except subprocess.TimeoutExpired:
-            _kill_group(proc, grace_s)
+            _kill_group(proc, step.stop_signal, grace_s)
             step.returncode = proc.returncode
             step.status = f"timed out after {step.timeout_s:.0f} s"
             log.write(f"\n[benchmarks.gpu_check: {step.status}; the process group was terminated]\n")
@@ -134,11 +137,17 @@ def run_step(step: Step, cwd: str = ROOT, env: dict | None = None, grace_s: floa
     return step
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM to the child's process group, SIGKILL to the group once the child is gone or ``grace_s`` passed (so
-    no grandchild, e.g. a test's subprocess, outlives the step)."""
+def _default_sigint() -> None:
+    # A check started in the background inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # the child gets the default back, so pytest can stop cleanly on the SIGINT of the time limit.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _kill_group(proc: subprocess.Popen, first_signal: int, grace_s: float) -> None:
+    """``first_signal`` to the child's process group, SIGKILL to the group once the child is gone or ``grace_s``
+    passed (so no grandchild, e.g. a test's subprocess, outlives the step)."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, first_signal)
     except ProcessLookupError:
         return
     try:
@@ -374,7 +383,7 @@ def main(argv=None) -> int:
         pytest_step = Step("pytest", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests", "-rfE",
                                       "--durations=25", f"--junitxml={junit}", "-p", "no:cacheprovider",
                                       *args.pytest_args.split()],
-                           os.path.join(out, "pytest.log"), args.pytest_timeout)
+                           os.path.join(out, "pytest.log"), args.pytest_timeout, stop_signal=signal.SIGINT)
         print(f"benchmarks.gpu_check: pytest -m gpu (at most {args.pytest_timeout:.0f} s)...", flush=True)
         run_step(pytest_step, env=env)
         if cap_junit(junit):

@@ -122,6 +122,21 @@ def test_run_step_records_success_failure_and_timeout(tmp_path):
     assert skipped.status.startswith("skipped")
 
 
+def test_pytest_stopped_at_the_limit_still_writes_its_junit(tmp_path):
+    """The SIGINT at pytest's time limit: the tests run so far are reported and the junit xml is written."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                           "def test_slow():\n    time.sleep(60)\n")
+    junit = tmp_path / "junit.xml"
+    step = gpu_check.Step("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+                                     f"--junitxml={junit}"], str(tmp_path / "pytest.log"), 6,
+                          stop_signal=gpu_check.signal.SIGINT)
+    gpu_check.run_step(step, cwd=str(tmp_path), grace_s=10)
+    assert step.status == "timed out after 6 s"
+    counts = gpu_check.junit_counts(str(junit))
+    assert counts is not None and counts["passed"] >= 1, (tmp_path / "pytest.log").read_text()[-2000:]
+    assert "KeyboardInterrupt" in (tmp_path / "pytest.log").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ file sizes
 
 def test_cap_file_keeps_head_and_tail(tmp_path):
