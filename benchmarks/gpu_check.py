@@ -180,8 +180,9 @@ def cuda_problem() -> str:
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a build without CUDA (torch.version.cuda is None)"
     if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device "
-                f"(torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+                f"(torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES={visible!r})")
     return ""
 
 
@@ -287,7 +288,8 @@ def write_summary(path: str, machine: dict, steps: list, tests: dict | None, ben
                      for g in machine.get("gpus", [])) or "no GPU recorded"
     verdict = {EXIT_OK: "PASS", EXIT_TESTS: "FAIL (tests)", EXIT_BENCH: "PASS (tests); benchmarks incomplete",
                EXIT_NO_GPU: "no CUDA device"}.get(exit_code, f"exit {exit_code}")
-    commit = (machine.get("git_commit") or "unknown")[:12] + (" (uncommitted changes)" if machine.get("git_dirty") else "")
+    commit = (machine.get("git_commit") or "unknown")[:12]
+    commit += " (uncommitted changes)" if machine.get("git_dirty") else ""
     lines = [f"# segvit GPU check: {verdict}", "",
              f"- GPUs: {gpus}",
              f"- driver {machine.get('driver')}, torch {machine.get('torch')}, CUDA {machine.get('cuda')}, "

@@ -21,9 +21,9 @@ device from the same inputs):
   autocast dtype; mask_losses: float32 losses, int64 count, gradient in the logits' dtype);
 * the ``cuda`` kernels against the ``triton`` ones on the same inputs (tight agreement, below);
 * device placement: each Triton and CUDA C++ op on ``cuda:1`` while the current device is ``cuda:0`` (needs two
-  GPUs; in a subprocess, so a kernel launched on the wrong device cannot poison this process's CUDA context), inputs
-  on two devices (a ValueError naming the argument), and a non-default stream (inputs produced on the stream behind
-  a sleep kernel: a kernel launched on another stream would read the NaN they replace);
+  GPUs; all in one subprocess, so a kernel launched on the wrong device cannot poison this process's CUDA context),
+  inputs on two devices (a ValueError naming the argument), and a non-default stream (inputs produced on the stream
+  behind a sleep kernel: a kernel launched on another stream would read the NaN they replace);
 * ``torch.library.opcheck`` of the extension's CUDA ops.
 
 Tolerance (flash-attention's rule, as the other kernel tests): max |kernel - reference| <= 2x max |eager -

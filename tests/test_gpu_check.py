@@ -240,7 +240,8 @@ def test_main_with_faked_children(monkeypatch, tmp_path):
             with open(junit, "w") as f:
                 f.write(JUNIT.replace('errors="1" failures="1"', 'errors="0" failures="0"')
                         .replace('<failure message="AssertionError: out: error 0.5 &gt; bound 0.01 | x">long '
-                                 'traceback</failure>', "").replace('<error message="fixture failed">trace</error>', ""))
+                                 'traceback</failure>', "")
+                        .replace('<error message="fixture failed">trace</error>', ""))
         else:
             directory = step.command[step.command.index("--out") + 1]
             os.makedirs(directory, exist_ok=True)
@@ -270,7 +271,8 @@ def test_main_with_faked_children(monkeypatch, tmp_path):
                                        "pytest.log", "summary.md"]
     assert json.loads((out / "machine.json").read_text())["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("# segvit GPU check: PASS") and "5 tests: 4 passed, 0 failed, 0 errors, 1 skipped" in summary
+    assert summary.startswith("# segvit GPU check: PASS")
+    assert "5 tests: 4 passed, 0 failed, 0 errors, 1 skipped" in summary
     assert summary.count("| atm_attention |") == 2  # the table of each benchmark run
     for name in os.listdir(out):
         if os.path.isfile(out / name):
