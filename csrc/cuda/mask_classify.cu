@@ -32,6 +32,7 @@
 
 #include "common/bilinear.h"
 #include "common/mask_loss_math.h"
+#include "cpu/attention.h"  // attention::poison_for_tests
 #include "cuda/kernels.h"
 
 namespace segvit::cuda {
@@ -157,6 +158,7 @@ at::Tensor mask_classify(const at::Tensor& class_logits, const at::Tensor& mask_
   const int64_t K = class_logits.size(2) - 1, Hout = out_size[0], Wout = out_size[1];
   at::Tensor out = at::empty({B, K, Hout, Wout}, masks.options());
   if (out.numel() == 0) return out;
+  segvit::cpu::attention::poison_for_tests(out);  // tests: an unwritten score stays NaN
   // (B, Q, K) float32: each chunk of queries loads K contiguous probabilities per query.
   const at::Tensor probs = at::softmax(class_logits.to(at::kFloat), -1).narrow(-1, 0, K).contiguous();
   const dim3 grid(static_cast<unsigned>((Hout * Wout + kTilePixels - 1) / kTilePixels),

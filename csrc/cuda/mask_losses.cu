@@ -27,6 +27,7 @@
 
 #include "common/bilinear.h"
 #include "common/mask_loss_math.h"
+#include "cpu/attention.h"  // attention::poison_for_tests
 #include "cuda/kernels.h"
 
 namespace segvit::cuda {
@@ -259,6 +260,7 @@ at::Tensor mask_loss_stats(const at::Tensor& mask_logits, const at::Tensor& labe
   TORCH_CHECK(n_bands < 65536, kOp, ": labels too tall for the CUDA kernel's grid (", n_bands, " bands): ",
               labels.sizes());
   at::Tensor partial = at::empty({n_pairs, n_bands, 4}, logits.options().dtype(at::kFloat));
+  segvit::cpu::attention::poison_for_tests(partial);  // tests: an unwritten band sum turns the stats NaN
   const FocalParams fp = focal_params(alpha, gamma);
   const float scale_h = bilinear_scale(h, Hl), scale_w = bilinear_scale(w, Wl);
   const dim3 grid(static_cast<unsigned>(n_pairs), static_cast<unsigned>(n_bands));
@@ -311,6 +313,7 @@ at::Tensor mask_loss_stats_backward(const at::Tensor& grad_stats, const at::Tens
   TORCH_CHECK(n_bands < 65536 && plane_blocks < 65536, op, ": sizes too large for the CUDA kernel's grid: labels ",
               labels.sizes(), ", mask_logits ", mask_logits.sizes());
   at::Tensor hgrad = at::empty({n_pairs, Hl, w}, logits.options().dtype(at::kFloat));
+  segvit::cpu::attention::poison_for_tests(hgrad);  // tests: an unwritten column adjoint turns the gradient NaN
   dispatch(logits.scalar_type(), gamma == 2.0, [&](auto scalar, auto square) {
     using scalar_t = decltype(scalar);
     columns_adjoint_kernel<scalar_t, decltype(square)::value>
