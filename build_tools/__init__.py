@@ -1,0 +1,1 @@
+"""Build helpers of setup.py (shipped in the sdist, never installed)."""
