@@ -30,9 +30,8 @@ Tolerance (flash-attention's rule, as the other kernel tests): max |kernel - ref
 reference| + floor, eager being the op module's ``eager`` function (the original's math) in the same dtype on the
 same device, the floor a fraction (``FLOOR``) of max |reference|; under autocast 3x the error of ``eager`` called
 directly under the same autocast on the same inputs, against the reference of the uncast inputs. Triton launchers
-fill their outputs with NaN first (the ``poison_triton_outputs`` fixture); for the CUDA C++ kernels, whose
-``at::empty`` outputs cannot be filled from Python, the caching allocator is handed NaN-filled blocks of the
-outputs' sizes just before the call (best effort: the kernel's allocation usually reuses them). ``cuda`` against
+fill their outputs with NaN first (the ``poison_triton_outputs`` fixture), and so do the extension's CUDA C++ and
+CPU kernels with ``SEGVIT_POISON_OUTPUTS=1`` (their outputs and the scratch buffers they fill). ``cuda`` against
 ``triton``: float32 within 1e-5 of max |reference|; float16 / bfloat16 within 2 units in the last place of the
 dtype at max |reference| (both accumulate in float32 from the same rounded inputs).
 
@@ -71,7 +70,7 @@ OTHER_DEVICE = "cpu" if CUDA else "meta"
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not (torch.cuda.is_available() or DRY_RUN), reason="needs CUDA"),
-              pytest.mark.usefixtures("poison_triton_outputs", "_float32_matmul_is_float32")]
+              pytest.mark.usefixtures("poison_triton_outputs", "_poison_extension_outputs", "_float32_matmul_is_float32")]
 if DRY_RUN and not _common.INTERPRET:
     pytestmark.append(pytest.mark.skip(reason="SEGVIT_GPU_TESTS_ON_CPU=1 needs TRITON_INTERPRET=1 (a machine "
                                               "without CUDA: tests/conftest.py sets it)"))
@@ -115,6 +114,12 @@ def _cxx_reason():
 
 
 @pytest.fixture
+def _poison_extension_outputs(monkeypatch):
+    """The extension's kernels (CUDA and CPU) fill the buffers they write with NaN first (SEGVIT_POISON_OUTPUTS)."""
+    monkeypatch.setenv("SEGVIT_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture
 def _float32_matmul_is_float32():
     """Eager float32 matmuls in full float32 (no TF32), as the kernels' float32 dots: the rule compares with eager."""
     previous = torch.get_float32_matmul_precision()
@@ -145,7 +150,6 @@ class Case:
     eager: Callable
     reference: Callable
     static: dict = field(default_factory=dict)
-    out_shape: tuple = ()  # mask_classify: the output's shape (for nan_filled_allocator)
 
     def to(self, device):
         """The same case on another device (inputs copied, requires_grad kept)."""
@@ -153,8 +157,7 @@ class Case:
             return t.detach().to(device).requires_grad_(t.requires_grad) if t.is_floating_point() else t.to(device)
 
         return Case(self.kind, self.names, [move(t) for t in self.inputs], self.cotangents, self.op, self.eager,
-                    self.reference, {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in self.static.items()},
-                    self.out_shape)
+                    self.reference, {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in self.static.items()})
 
 
 def amp(dtype):
@@ -226,16 +229,6 @@ def agreement_tol(dtype):
     return 1e-5 if dtype == F32 else 2 * torch.finfo(dtype).eps
 
 
-@contextlib.contextmanager
-def nan_filled_allocator(*shapes_dtypes):
-    """Hands the CUDA caching allocator NaN-filled blocks of these sizes, so an output that a CUDA C++ kernel
-    allocates with at::empty and forgets to write likely holds NaN (its allocation reuses the freed block)."""
-    if DEVICE == "cuda":
-        blocks = [torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) for shape, dtype in shapes_dtypes]
-        del blocks
-    yield
-
-
 def leaf(shape, dtype, grad=True, scale=1.0):
     """Seeded (torch's global generator, reset per test) randn on the CPU, moved to DEVICE: the same values on any
     device."""
@@ -282,7 +275,7 @@ def mc_case(shape, dtypes):
     size = (hout, wout)
     return Case("mask_classify", ("out",), [class_logits, mask_logits], (None,),
                 op=lambda c, m: segvit.ops.mask_classify(c, m, size), eager=lambda c, m: mc_mod.eager(c, m, size),
-                reference=lambda c, m: mc_mod.reference(c, m, size), out_shape=(b, k, hout, wout))
+                reference=lambda c, m: mc_mod.reference(c, m, size))
 
 
 def block_labels(b, k, hl, wl, present):
@@ -440,10 +433,6 @@ MC_SHAPES = [pytest.param((2, 37, 70, 9, 11, 83, 61), id="B2_Q37_K70_9x11to83x61
 
 
 def run_mc(case, backend, autocast=None):
-    """mask_classify under ``backend``; for the CUDA C++ kernel, its output allocation handed a NaN-filled block."""
-    if backend == "cuda":
-        with nan_filled_allocator((case.out_shape, autocast or case.inputs[0].dtype)):
-            return run_op(case, backend, autocast)
     return run_op(case, backend, autocast)
 
 
