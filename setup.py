@@ -50,7 +50,13 @@ def sources(pattern):
 def settle_cuda_home():
     """Find the CUDA toolkit and set CUDA_HOME before torch.utils.cpp_extension reads it (once, at import): torch's
     own guess, the parent of the first nvcc's bin/, fails to link where that nvcc is a wrapper or a symlink. Stops
-    with one line saying what to set when no usable toolkit is found."""
+    with one line saying what to set when a toolkit is in sight but unusable; with none in sight (a CUDA torch from
+    pip, no nvcc) it says so and builds the CPU kernels only."""
+    if not cuda_build.any_toolkit_in_sight():
+        print("segvit: torch is a CUDA build but no CUDA toolkit is in sight (no CUDA_HOME, no nvcc on PATH, no "
+              f"{cuda_build.DEFAULT_ROOT}): building without the CUDA C++ kernels (the Triton kernels cover the GPU); "
+              "set CUDA_HOME to build them", file=sys.stderr)
+        return None
     try:
         home = cuda_build.find_cuda_home()
     except cuda_build.CudaHomeError as exc:

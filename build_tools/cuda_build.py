@@ -91,6 +91,14 @@ def candidates(which=shutil.which, top=nvcc_top) -> list[tuple[str, str]]:
     return unique
 
 
+def any_toolkit_in_sight(environ=os.environ, which=shutil.which) -> bool:
+    """Whether anything points at a CUDA toolkit: CUDA_HOME / CUDA_PATH set, an nvcc on PATH, or /usr/local/cuda.
+    A CUDA torch without any of them (a plain `pip install torch`) builds the CPU kernels only: the Triton kernels
+    cover the GPU and the CUDA C++ ones need a toolkit; a toolkit that is in sight but unusable stops the build."""
+    return bool(environ.get("CUDA_HOME") or environ.get("CUDA_PATH") or which("nvcc")
+                or os.path.exists(os.path.join(DEFAULT_ROOT, "bin", nvcc_name())))
+
+
 def find_cuda_home(environ=os.environ, which=shutil.which, top=nvcc_top) -> CudaHome:
     """The CUDA toolkit to build with: CUDA_HOME or CUDA_PATH when set (and then it must be usable), else the first
     usable one of: nvcc's own root (`nvcc --dryrun`), the realpath of nvcc, the parent of nvcc's bin/ on PATH,

@@ -127,6 +127,18 @@ def test_no_toolkit_is_one_line_listing_what_was_tried(tmp_path, no_default):
     assert "CUDA_HOME=" in message and "SEGVIT_SKIP_CUDA=1" in message
 
 
+def test_a_toolkit_in_sight_or_none(tmp_path, monkeypatch):
+    # A CUDA torch with no toolkit anywhere (pip's torch, no nvcc) builds the CPU kernels; anything pointing at a
+    # toolkit makes the lookup (and its one-line stop) apply.
+    monkeypatch.setattr(cuda_build, "DEFAULT_ROOT", str(tmp_path / "no-default-cuda"))
+    assert not cuda_build.any_toolkit_in_sight({}, no_nvcc)
+    assert cuda_build.any_toolkit_in_sight({"CUDA_HOME": "/x"}, no_nvcc)
+    assert cuda_build.any_toolkit_in_sight({"CUDA_PATH": "/x"}, no_nvcc)
+    assert cuda_build.any_toolkit_in_sight({}, lambda n: "/usr/local/bin/nvcc")
+    monkeypatch.setattr(cuda_build, "DEFAULT_ROOT", str(make_toolkit(tmp_path / "cuda")))
+    assert cuda_build.any_toolkit_in_sight({}, no_nvcc)
+
+
 def test_nvcc_top_runs_nvcc_dryrun(tmp_path):
     fake = tmp_path / "nvcc"
     fake.write_text('#!/bin/sh\necho "#$ _HERE_=/opt/x/bin"\necho "#$ TOP=/opt/x/bin/.."\necho "#$ NVVM=y"\n')
