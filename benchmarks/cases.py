@@ -69,7 +69,7 @@ class Case:
     id: str
     group: str  # op name or "models"
     label: str  # human description of the shape
-    mode: str  # "fwd", "fwd+bwd", "predict", "train"
+    mode: str  # "fwd", "fwd+bwd", "fwd+bwd-dropout0.1" (atm_attention), "predict", "train"
     dtype: str
     batch: int
     setup: Callable  # () -> state (inputs on the device)
@@ -188,21 +188,24 @@ def _fused_variants(settings, call):
 
 # ---------------------------------------------------------------- atm_attention
 
-def atm_torch(q, k, v, scale):
+ATM_TRAIN_DROPOUT = 0.1  # the decoder's attention dropout in every published config
+
+def atm_torch(q, k, v, scale, dropout_p=0.0):
     """The careful plain-PyTorch composition: SDPA for the output (never the (B, H, Nq, Nk) probabilities in the
     fused SDPA kernels) and one full-channel product for the head-mean similarity (sum_h q_h k_h^T is the product
     of the (Nq, H*D) and (Nk, H*D) matrices)."""
     heads = q.shape[2]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
+                                         dropout_p=dropout_p)
     sim = (q.flatten(2) @ k.flatten(2).transpose(1, 2)) * (scale / heads)
     return out.transpose(1, 2), sim
 
 
-def atm_xformers(q, k, v, scale):
+def atm_xformers(q, k, v, scale, dropout_p=0.0):
     import xformers.ops as xops
 
     heads = q.shape[2]
-    out = xops.memory_efficient_attention(q, k, v, scale=scale)  # takes (B, N, H, D) as it is
+    out = xops.memory_efficient_attention(q, k, v, p=dropout_p, scale=scale)  # takes (B, N, H, D) as it is
     sim = (q.flatten(2) @ k.flatten(2).transpose(1, 2)) * (scale / heads)
     return out, sim
 
@@ -215,7 +218,9 @@ def _atm_cases(settings, dtype, configs):
         s = _head_shape(name)
         queries, keys, heads, head_dim = s["classes"], s["grid"] ** 2, s["heads"], s["dim"] // s["heads"]
         scale = head_dim ** -0.5
-        for backward in (False, True):
+        # What training runs is forward+backward with the published attention dropout (0.1): the fused kernels
+        # regenerate the keep mask in both backward passes, eager stores the dropped probabilities.
+        for backward, p in ((False, 0.0), (True, 0.0), (True, ATM_TRAIN_DROPOUT)):
             def setup(backward=backward, queries=queries, keys=keys, heads=heads, head_dim=head_dim, seed=len(cases)):
                 dev, dt = settings.device, _dtype(dtype)
                 q = _randn((batch, queries, heads, head_dim), dt, dev, seed, backward)
@@ -231,15 +236,17 @@ def _atm_cases(settings, dtype, configs):
                 return lambda st: _grads_call(lambda: forward(st["q"], st["k"], st["v"]),
                                               (st["q"], st["k"], st["v"]), st["grads"])
 
-            op_call = wrap(lambda q, k, v, scale=scale: segvit.ops.atm_attention(q, k, v, scale=scale))
+            op_call = wrap(lambda q, k, v, scale=scale, p=p: segvit.ops.atm_attention(q, k, v, scale=scale,
+                                                                                       dropout_p=p))
             variants = [_backend_variant("eager", op_call),
                         _plain_variant("torch (sdpa+matmul)",
-                                       wrap(lambda q, k, v, scale=scale: atm_torch(q, k, v, scale)))]
+                                       wrap(lambda q, k, v, scale=scale, p=p: atm_torch(q, k, v, scale, p)))]
             if settings.device == "cuda":
-                variants.append(_xformers_variant(wrap(lambda q, k, v, scale=scale: atm_xformers(q, k, v, scale))))
+                variants.append(_xformers_variant(wrap(lambda q, k, v, scale=scale, p=p: atm_xformers(q, k, v, scale,
+                                                                                                      p))))
             variants += _fused_variants(settings, op_call)
             flops, moved = counts.atm_attention(batch, queries, keys, heads, head_dim, backward=backward, elem=elem)
-            mode = "fwd+bwd" if backward else "fwd"
+            mode = ("fwd+bwd" if backward else "fwd") + (f"-dropout{p:g}" if p else "")
             cases.append(Case(f"atm_attention/{_short(name)}/{mode}/{dtype}", "atm_attention",
                               f"{_short(name)}: B{batch} Nq{queries} Nk{keys} H{heads} D{head_dim}", mode, dtype,
                               batch, setup, variants, flops, moved))

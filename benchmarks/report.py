@@ -107,7 +107,7 @@ def format_table(rows, meta):
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in meta["peaks"]["matmul_flops"].items())
             + f", copy {meta['peaks']['copy_bandwidth'] / 1e9:.1f} GB/s")
     lines = [head, ""]
-    header = (f"{'case':70s} {'mode':8s} {'variant':30s} {'median ms':>10s} {'p20-p80 ms':>15s} {'x eager':>8s} "
+    header = (f"{'case':70s} {'mode':18s} {'variant':30s} {'median ms':>10s} {'p20-p80 ms':>15s} {'x eager':>8s} "
               f"{'peak MB':>9s} {'mem/eager':>9s} {'GFLOP/s':>8s} {'GB/s':>7s} {'%roof':>6s}")
     last = None
     for row in rows:
@@ -115,11 +115,11 @@ def format_table(rows, meta):
             last = row["group"]
             lines += ["", f"== {last}", header]
         if row["status"] != "ok":
-            lines.append(f"{row['label'][:70]:70s} {row['mode']:8s} {row['variant'][:30]:30s} {row['reason'][:120]}")
+            lines.append(f"{row['label'][:70]:70s} {row['mode']:18s} {row['variant'][:30]:30s} {row['reason'][:120]}")
             continue
         spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
         lines.append(
-            f"{row['label'][:70]:70s} {row['mode']:8s} {row['variant'][:30]:30s} {row['median_ms']:10.2f} "
+            f"{row['label'][:70]:70s} {row['mode']:18s} {row['variant'][:30]:30s} {row['median_ms']:10.2f} "
             f"{spread:>15s} {_fmt(row['speedup_vs_eager'], '7.2f'):>7s}x {_fmt(row['peak_mem_mb'], '9.1f'):>9s} "
             f"{_fmt(row['mem_ratio_vs_eager'], '9.2f'):>9s} {_fmt(row['gflops_per_s'], '8.1f'):>8s} "
             f"{_fmt(row['gb_per_s'], '7.2f'):>7s} {_fmt(row['roofline_pct'], '6.1f'):>6s}")
