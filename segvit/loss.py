@@ -72,9 +72,10 @@ class SegViTLoss(nn.Module):
             # The original runs the loss in float32 (force_fp32) whatever the model's precision.
             class_logits = output["pred_logits"].float()
             loss_ce = F.cross_entropy(class_logits.transpose(1, 2), class_targets, self.empty_weight)
+            # Labels checked once above, not once per output (each check is a host synchronisation).
             loss_focal, loss_dice, _ = ops.mask_losses(
                 output["pred_masks"], labels, ignore_index=self.ignore_index, alpha=self.focal_alpha,
-                gamma=self.focal_gamma)
+                gamma=self.focal_gamma, check_labels=False)
             losses["loss_ce" + suffix] = loss_ce * self.weights["loss_ce"]
             losses["loss_mask" + suffix] = loss_focal * scale * self.weights["loss_mask"]
             losses["loss_dice" + suffix] = loss_dice * scale * self.weights["loss_dice"]

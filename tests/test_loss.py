@@ -114,3 +114,25 @@ def test_dec_layers_limits_aux_terms_as_the_original(make_config):
     labels = torch.randint(0, 5, (1, 32, 32))
     losses = segvit.SegViTLoss.for_model(model)(model(torch.randn(1, 3, 32, 32)), labels)
     assert set(losses) == {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"}
+
+
+def test_labels_are_checked_once_per_loss_call(monkeypatch):
+    """SegViTLoss checks the label values once for the main and every auxiliary output (each check reads a min/max
+    back to the host: a device synchronisation); mask_losses alone still checks by default."""
+    from segvit.ops import _checks
+
+    calls = []
+    check = _checks.label_values
+    monkeypatch.setattr(_checks, "label_values", lambda *a: calls.append(a) or check(*a))
+    out = {"pred_logits": torch.randn(2, 3, 4), "pred_masks": torch.randn(2, 3, 2, 2),
+           "aux_outputs": [{"pred_logits": torch.randn(2, 3, 4), "pred_masks": torch.randn(2, 3, 2, 2)}] * 2}
+    labels = torch.tensor([[[0, 2], [255, 1]], [[1, 1], [0, 0]]])
+    losses = segvit.SegViTLoss(3)(out, labels)
+    assert len(losses) == 9 and len(calls) == 1
+    calls.clear()
+    checked = segvit.ops.mask_losses(out["pred_masks"], labels)
+    assert len(calls) == 1
+    unchecked = segvit.ops.mask_losses(out["pred_masks"], labels, check_labels=False)
+    assert len(calls) == 1
+    for a, b in zip(checked, unchecked):
+        assert torch.equal(a, b)

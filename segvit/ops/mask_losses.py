@@ -12,7 +12,7 @@ _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = 255,
-                alpha: float = 0.25, gamma: float = 2.0):
+                alpha: float = 0.25, gamma: float = 2.0, check_labels: bool = True):
     """Focal and dice losses of the fixed query-class assignment (query i predicts class i).
 
     mask_logits (B, K, h, w), labels (B, Hl, Wl) integer with values in [0, K) or ``ignore_index``.
@@ -33,13 +33,19 @@ def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index
     computed in float32 (float64 for float64). ``torch.autocast`` changes nothing: the op runs with autocast off
     and the losses stay float32 (the ``FLOAT32`` rule of segvit/ops/_autocast.py, as PyTorch's losses), whatever
     the logits' dtype.
+
+    ``check_labels=False`` skips the check of the label values (a min/max read back to the host, i.e. a device
+    synchronisation per call): for a caller that has checked the same labels once already, as ``SegViTLoss`` does once
+    per step for the main and every auxiliary output. Values outside [0, K) and ``ignore_index`` then give undefined
+    results on the triton backend (the compiled kernels still refuse them).
     """
     _checks.tensor("mask_logits", mask_logits, 4, "(B, K, h, w)")
     _checks.tensor("labels", labels, 3, "(B, Hl, Wl)", dtypes=_LABEL_DTYPES)
     if labels.device != mask_logits.device:
         raise ValueError(f"labels: expected device {mask_logits.device} (as mask_logits), got {labels.device}")
     _checks.same("mask_logits", mask_logits.shape[0], "labels", labels.shape[0], "batch size")
-    _checks.label_values("labels", labels, mask_logits.shape[1], ignore_index)
+    if check_labels:
+        _checks.label_values("labels", labels, mask_logits.shape[1], ignore_index)
     return _OP(mask_logits, labels, ignore_index=ignore_index, alpha=float(alpha), gamma=float(gamma))
 
 
