@@ -31,8 +31,9 @@ def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> Non
             raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {t.device}")
 
 
-def same_device_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
-    same_device(ref_name, ref, **others)
+def same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    """Checked after the autocast policy (segvit/ops/_autocast.py) has cast the inputs, so inside autocast only
+    float64 mixed with other dtypes is left to fail."""
     for name, t in others.items():
         if t.dtype != ref.dtype:
             raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {t.dtype}"

@@ -35,7 +35,7 @@ def atm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     _checks.tensor("v", v, 4, "(B, Nk, H, D)")
     _checks.same_device("q", q, k=k, v=v)
     q, k, v = _autocast.cast_inputs(q.device, q, k, v)
-    _checks.same_device_dtype("q", q, k=k, v=v)
+    _checks.same_dtype("q", q, k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"v: expected shape {tuple(k.shape)} (as k), got {tuple(v.shape)}")
     _checks.same("q", q.shape[0], "k", k.shape[0], "batch size")
@@ -100,9 +100,8 @@ def _cpp_backward(ctx, grad_out, grad_sim, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_sim is None:
         grad_sim = q.new_zeros((q.shape[0], q.shape[1], k.shape[1]))
-    with _autocast.disabled(q.device):  # a backward() called inside autocast must not re-cast the kernel's GEMMs
-        grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale,
-                                                                    *ctx.dropout)
+    grad_q, grad_k, grad_v = torch.ops.segvit.atm_attention_bwd(grad_out, grad_sim, q, k, v, out, lse, ctx.scale,
+                                                                *ctx.dropout)
     return (grad_q, grad_k, grad_v, None) + (None,) * len(ctx.dropout)
 
 

@@ -37,7 +37,7 @@ def _validate(class_logits, mask_logits, out_size):
     _checks.tensor("mask_logits", mask_logits, 4, "(B, Q, h, w)")
     _checks.same_device("class_logits", class_logits, mask_logits=mask_logits)
     class_logits, mask_logits = _autocast.cast_inputs(class_logits.device, class_logits, mask_logits)
-    _checks.same_device_dtype("class_logits", class_logits, mask_logits=mask_logits)
+    _checks.same_dtype("class_logits", class_logits, mask_logits=mask_logits)
     _checks.same("class_logits", class_logits.shape[0], "mask_logits", mask_logits.shape[0], "batch size")
     _checks.same("class_logits", class_logits.shape[1], "mask_logits", mask_logits.shape[1], "query count Q")
     if class_logits.shape[2] < 2:

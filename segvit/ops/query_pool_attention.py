@@ -43,7 +43,7 @@ def query_pool_attention(x: torch.Tensor, grid, in_proj_weight: torch.Tensor, in
     _checks.tensor("in_proj_bias", in_proj_bias, 1, "(3C,)")
     _checks.same_device("x", x, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias)
     x, in_proj_weight, in_proj_bias = _autocast.cast_inputs(x.device, x, in_proj_weight, in_proj_bias)
-    _checks.same_device_dtype("x", x, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias)
+    _checks.same_dtype("x", x, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias)
     gh, gw = _checks.size_pair("grid", grid)
     batch, length, channels = x.shape
     if gh * gw != length:
@@ -114,9 +114,8 @@ def _cpp_backward(ctx, grad_out, grad_q, grad_kv, grad_lse):
     x, in_proj_weight, q, kv, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    with _autocast.disabled(x.device):  # a backward() called inside autocast must not re-cast the kernel's GEMMs
-        grad_x, grad_w, grad_b = torch.ops.segvit.query_pool_attention_bwd(
-            grad_out, x, ctx.grid, in_proj_weight, q, kv, out, lse, ctx.num_heads, ctx.stride)
+    grad_x, grad_w, grad_b = torch.ops.segvit.query_pool_attention_bwd(
+        grad_out, x, ctx.grid, in_proj_weight, q, kv, out, lse, ctx.num_heads, ctx.stride)
     return grad_x, None, grad_w, grad_b, None, None
 
 
