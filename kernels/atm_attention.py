@@ -19,9 +19,20 @@ Design:
 * Backward: two deterministic passes, as FlashAttention-2: a (key block, b * h) program accumulates dK and dV
   over all query blocks, a (query block, b * h) program accumulates dQ over all key blocks; both recompute
   P = exp2(s - lse) from the saved LSE. No float atomics, so results do not depend on scheduling.
-* Dropout: ``tl.rand(seed, offset)`` (Philox, counter-based) with offset = ((b * H + h) * Nq + i) * Nk + j as
-  int64, so the forward and both backward passes regenerate the same keep mask without storing it. The seed is
-  drawn from torch's CPU generator inside the op (``torch.manual_seed`` reproduces it) and saved for backward.
+* Dropout: counter-based Philox, regenerated in every pass instead of stored. Key j of global row
+  r = (b * H + h) * Nq + i keeps iff lane j % 4 of ``tl.randint4x(seed, (r << 32) | j // 4)`` is >= p * 2**32 (an
+  exact 32-bit compare: keep probability 1 - p to 2**-32). A (BLOCK_M, BLOCK_N / 4) block of Philox calls gives
+  the 4 lanes, interleaved into the tile with ``tl.join`` / ``tl.reshape``: one Philox call (10 rounds) per 4 scores
+  instead of one per score, and the products written as 64-bit multiplies (one IMAD.WIDE each). The mask depends on
+  (seed, row, key) only, not on the tile shape, so the forward and both backward passes (different tiles) agree.
+  The 1 / (1 - p) rescale is applied to the accumulated output (and dV), not per score. The seed is drawn from
+  torch's CPU generator inside the op (``torch.manual_seed`` reproduces it) and saved for backward.
+* Masks: full key tiles run without any per-score mask, the ragged last key tile (if any) with one; padding
+  query rows load zeros (finite, never stored), and the dK/dV pass needs no score mask at all (a padding key only
+  feeds its own, unstored, dK/dV row). The forward computes the row max on the raw scores and the exponent
+  qk_scale * s - m as one FMA (for a negative scale the launcher flips q).
+* Autotune keys: next powers of 2 of Nq and Nk (``Nq_bucket``, ``Nk_bucket``, kernel arguments used only as keys),
+  so whole-image and multi-scale evaluation do not re-benchmark at every image size.
 
 Layouts: q (B, Nq, H, D), k and v (B, Nk, H, D), any strides with a unit D stride (the wrapper makes q, k, v
 contiguous); D <= 128 padded to a power of 2 (>= 16 for ``tl.dot``) with masks. float32, float16, bfloat16
@@ -48,7 +59,7 @@ def _configs(rows):
 # without spills on sm_80 and sm_90 for the largest BLOCK_D of its class (64, 128), for both dtypes of its group
 # (checked with the Philox dropout path and the dSim term compiled in, the most register-hungry variant).
 FWD_CONFIGS = {
-    ("16", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3)]),
+    ("16", 64): _configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (32, 64, 2, 3)]),
     ("16", 128): _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]),
     ("32", 64): _configs([(32, 32, 4, 1), (64, 32, 8, 1)]),
     ("32", 128): _configs([(16, 32, 8, 1), (16, 16, 4, 1)]),
@@ -97,14 +108,83 @@ def _all(table) -> list[dict]:
 
 if triton is not None:
     @triton.jit
-    def _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p):
-        offsets = (bh * Nq + offs_m).to(tl.int64)[:, None] * Nk + offs_n[None, :]
-        return tl.rand(seed, offsets) >= dropout_p
+    def _philox(seed, c0, c1):
+        """Philox-4x32-10 of the counter (c0, c1, 0, 0) with the key (seed, 0): bit for bit
+        ``tl.randint4x(seed, (c1 << 32) | c0)``, with each round's two 32 x 32 -> 64-bit products written as 64-bit
+        multiplies of zero-extended operands (one IMAD.WIDE.U32 each instead of separate high and low multiplies)."""
+        seed64 = seed.to(tl.uint64)
+        k0 = (seed64 & 0xFFFFFFFF).to(tl.uint32)
+        k1 = ((seed64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c0 = c0.to(tl.uint32, bitcast=True)
+        c1 = c1.to(tl.uint32, bitcast=True)
+        c2 = c0 * 0
+        c3 = c0 * 0
+        for _ in tl.static_range(10):
+            pa = c0.to(tl.uint64) * 0xD2511F53
+            pb = c2.to(tl.uint64) * 0xCD9E8D57
+            c0 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0
+            c2 = (pa >> 32).to(tl.uint32) ^ c3 ^ k1
+            c1 = pb.to(tl.uint32)
+            c3 = pa.to(tl.uint32)
+            k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+            k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _keep(seed, rows, start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Keep mask of the (BLOCK_M, BLOCK_N) score tile of global rows ``rows`` (= b H Nq + h Nq + i) and keys
+        ``start + [0, BLOCK_N)`` (start a multiple of 4): key j of row r keeps iff lane j % 4 of the Philox block of
+        counter (j // 4, r) is >= threshold = p 2**32 (exact 32-bit compare). One Philox call gives 4 keys, and
+        the mask does not depend on the tile shape, so every pass regenerates the same one."""
+        quads = start // 4 + tl.arange(0, BLOCK_N // 4)
+        c0 = tl.broadcast_to(quads[None, :], [BLOCK_M, BLOCK_N // 4])
+        c1 = tl.broadcast_to(rows[:, None], [BLOCK_M, BLOCK_N // 4])
+        r0, r1, r2, r3 = _philox(seed, c0, c1)
+        # join(join(a, c), join(b, d)) flattens row-major to a, b, c, d: key 4 q + l gets lane l.
+        keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold), tl.join(r1 >= threshold, r3 >= threshold))
+        return tl.reshape(keep, [BLOCK_M, BLOCK_N])
+
+    @triton.jit
+    def _threshold(dropout_p):
+        # Keep iff a uniform uint32 >= p 2**32: keep probability 1 - p exactly (p * 2**32 is exact in float32 and an
+        # integer for p >= 2**-9), and the rescale 1 / (1 - p) uses the same float32 p.
+        return (tl.to_tensor(dropout_p).to(tl.float32) * 4294967296.0).to(tl.uint32)
+
+    @triton.jit
+    def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start, offs_n, offs_d, d_ok, Nk, skn, svn, qk_scale, seed,
+                  rows, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                  DROPOUT: tl.constexpr):
+        n = start + offs_n
+        if MASK_N:
+            n_ok = n < Nk
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        # qk_scale >= 0 (the launcher flips q otherwise): max(qk_scale s) = qk_scale max(s), and the exponent
+        # qk_scale s - m is one FMA per score.
+        if MASK_N:
+            m_new = tl.maximum(m_i, tl.max(tl.where(n_ok[None, :], s * qk_scale, float("-inf")), 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # Every tile has >= 1 valid key (start < Nk), so m_new is finite and no row becomes NaN.
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        if MASK_N:
+            p = tl.where(n_ok[None, :], p, 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the 1 / (1 - p) rescale is applied once, to the output
+            p = tl.where(_keep(seed, rows, start, threshold, BLOCK_M, BLOCK_N), p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        return acc, m_new, l_i
 
     @triton.jit
     def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, Nq, Nk, H, D,
-                  sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh,
+                  sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, Nq_bucket, Nk_bucket,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr):
+        # Nq_bucket, Nk_bucket: autotune keys only (next powers of 2 of Nq, Nk).
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -114,57 +194,40 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Nq
         d_ok = offs_d < D
+        # Padding query rows load q = 0: finite scores, never stored, so the tiles need no row mask.
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
+        rows = bh * Nq + offs_m
+        threshold = _threshold(dropout_p)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, Nk, BLOCK_N):
-            n = start + offs_n
-            n_ok = n < Nk
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            # Every block has >= 1 valid key (start < Nk), so m_new is finite and no row becomes NaN.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                p = tl.where(_keep(seed, bh, offs_m, n, Nq, Nk, dropout_p), p / (1.0 - dropout_p), 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m_i = m_new
-        acc = acc / l_i[:, None]
+        # Full key tiles without masks, then the ragged tail (if any) with the key mask.
+        n_full = (Nk // BLOCK_N) * BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start, offs_n, offs_d, d_ok, Nk, skn, svn,
+                                      qk_scale, seed, rows, threshold, BLOCK_M, BLOCK_N, False, DROPOUT)
+        if n_full < Nk:
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n_full, offs_n, offs_d, d_ok, Nk, skn, svn,
+                                      qk_scale, seed, rows, threshold, BLOCK_M, BLOCK_N, True, DROPOUT)
+        inv_keep = 1.0
+        if DROPOUT:
+            inv_keep = 1.0 / (1.0 - dropout_p)
+        acc = acc * (inv_keep / l_i)[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
         tl.store(LSE + bh * Nq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.jit
-    def _probs(q, k, lse, m_ok, n_ok, qk_scale):
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        # Padding rows and columns get probability 0 (their lse is a placeholder).
-        return tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-
-    @triton.jit
-    def _score_grad(p, dp, delta, keep, dsim, dropout_p, inv_h, DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
-        # d(loss)/d(s_h) = P * (dP - delta) (+ dSim / H from the similarity map, the head mean of s_h).
-        if DROPOUT:
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_DSIM:
-            ds += dsim * inv_h
-        return ds
-
-    @triton.jit
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DSIM, DK, DV, seed, qk_scale, scale, inv_h, dropout_p,
                        Nq, Nk, H, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdob, sdom, sdoh,
-                       sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+                       sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, Nq_bucket, Nk_bucket,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
+        # No score masks: a padding query row has q = dO = 0 (and lse = delta = 0), so its P is finite and its
+        # dV, dK terms are 0; a padding key column only feeds its own dK, dV rows, which are not stored.
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -177,6 +240,7 @@ if triton is not None:
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        threshold = _threshold(dropout_p)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in range(0, Nq, BLOCK_M):
@@ -188,30 +252,56 @@ if triton is not None:
                          other=0.0)
             lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
-            p = _probs(q, k, lse, m_ok, n_ok, qk_scale)
-            keep = m_ok[:, None]
-            p_drop = p
-            if DROPOUT:
-                keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
-                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            dsim = 0.0
-            if HAS_DSIM:
-                dsim = tl.load(DSIM + b * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :],
-                               mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            ds = _score_grad(p, dp, delta, keep, dsim, dropout_p, inv_h, DROPOUT, HAS_DSIM)
-            ds = tl.where(m_ok[:, None] & n_ok[None, :], ds, 0.0)
+            if DROPOUT:  # 1 / (1 - p) is applied to dV at the end and to dP below
+                keep = _keep(seed, bh * Nq + offs_m, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
+                dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do, input_precision="ieee")
+                ds = p * (tl.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_p)) - delta[:, None])
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+            if HAS_DSIM:  # + dSim / H: the similarity map is the head mean of the scores
+                ds += inv_h * tl.load(DSIM + b * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :],
+                                      mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        if DROPOUT:
+            dv = dv * (1.0 / (1.0 - dropout_p))
         tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
+    def _dq_tile(dq, q, do, lse, delta, k_base, v_base, dsim_base, start, offs_m, m_ok, offs_n, offs_d, d_ok, Nk,
+                 skn, svn, qk_scale, inv_h, dropout_p, seed, rows, threshold, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
+        n = start + offs_n
+        n_ok = n < Nk
+        if MASK_N:
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if DROPOUT:
+            keep = _keep(seed, rows, start, threshold, BLOCK_M, BLOCK_N)
+            ds = p * (tl.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_p)) - delta[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
+        if HAS_DSIM:
+            ds += inv_h * tl.load(dsim_base + offs_m[:, None] * Nk + n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                                  other=0.0).to(tl.float32)
+        if MASK_N:  # a padding key's P = exp2(-lse) may overflow; its k row is 0 but inf * 0 is NaN
+            ds = tl.where(n_ok[None, :], ds, 0.0)
+        return dq + tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+
+    @triton.jit
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DSIM, DQ, seed, qk_scale, scale, inv_h, dropout_p,
                      Nq, Nk, H, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdob, sdom, sdoh,
-                     sdqb, sdqm, sdqh,
+                     sdqb, sdqm, sdqh, Nq_bucket, Nk_bucket,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      DROPOUT: tl.constexpr, HAS_DSIM: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -219,7 +309,7 @@ if triton is not None:
         b = bh // H
         h = bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < Nq
         d_ok = offs_d < D
@@ -228,33 +318,36 @@ if triton is not None:
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(LSE + bh * Nq + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + bh * Nq + offs_m, mask=m_ok, other=0.0)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        dsim_base = DSIM + b * Nq * Nk
+        rows = bh * Nq + offs_m
+        threshold = _threshold(dropout_p)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, Nk, BLOCK_N):
-            offs_n = start + offs_n0
-            n_ok = offs_n < Nk
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            p = _probs(q, k, lse, m_ok, n_ok, qk_scale)
-            keep = m_ok[:, None]
-            if DROPOUT:
-                keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            dsim = 0.0
-            if HAS_DSIM:
-                dsim = tl.load(DSIM + b * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :],
-                               mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            ds = _score_grad(p, dp, delta, keep, dsim, dropout_p, inv_h, DROPOUT, HAS_DSIM)
-            ds = tl.where(m_ok[:, None] & n_ok[None, :], ds, 0.0)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        n_full = (Nk // BLOCK_N) * BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, dsim_base, start, offs_m, m_ok, offs_n, offs_d,
+                          d_ok, Nk, skn, svn, qk_scale, inv_h, dropout_p, seed, rows, threshold, BLOCK_M, BLOCK_N,
+                          False, DROPOUT, HAS_DSIM)
+        if n_full < Nk:
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, dsim_base, n_full, offs_m, m_ok, offs_n, offs_d,
+                          d_ok, Nk, skn, svn, qk_scale, inv_h, dropout_p, seed, rows, threshold, BLOCK_M, BLOCK_N,
+                          True, DROPOUT, HAS_DSIM)
         tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
-    _KEY = ["Nq", "Nk", "BLOCK_D", "DROPOUT"]
+    # Autotune keys: the sizes' next powers of 2 (Nq_bucket, Nk_bucket), so that new image sizes within a bucket
+    # (whole-image and multi-scale evaluation) reuse the tuned config instead of re-benchmarking.
+    _KEY = ["Nq_bucket", "Nk_bucket", "BLOCK_D", "DROPOUT"]
     _fwd = _common.autotune(_all(FWD_CONFIGS), SINGLE, _KEY, _pruner(FWD_CONFIGS))(_attn_fwd)
     _bwd_dkdv = _common.autotune(_all(DKDV_CONFIGS), SINGLE, _KEY + ["HAS_DSIM"],
                                  _pruner(DKDV_CONFIGS))(_attn_bwd_dkdv)
     _bwd_dq = _common.autotune(_all(DQ_CONFIGS), SINGLE, _KEY + ["HAS_DSIM"], _pruner(DQ_CONFIGS))(_attn_bwd_dq)
+
+
+def _bucket(n: int) -> int:
+    """Autotune key of a size: its next power of 2 (at least 16)."""
+    return _common.next_pow2(n)
 
 
 def _s(t: torch.Tensor):
@@ -269,11 +362,13 @@ def attention_forward(q, k, v, out, scale: float, dropout_p: float, seed: int) -
     batch, nq, heads, dim = q.shape
     nk = k.shape[1]
     lse = _common.empty(batch * heads, nq, dtype=torch.float32, device=q.device)
+    if scale < 0:  # the kernel needs qk_scale >= 0 (row max of the raw scores): softmax(s q k^T) = softmax(-s (-q) k^T)
+        q, scale = -q, -scale
     kernel = _fwd
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     kernel[grid](q, k, v, out, lse, seed, scale * LOG2E, dropout_p, nq, nk, heads, dim,
-                 *_s(q), *_s(k), *_s(v), *_s(out), BLOCK_D=_common.next_pow2(dim), DROPOUT=dropout_p > 0,
-                 **kernel.single_config)
+                 *_s(q), *_s(k), *_s(v), *_s(out), _bucket(nq), _bucket(nk), BLOCK_D=_common.next_pow2(dim),
+                 DROPOUT=dropout_p > 0, **kernel.single_config)
     return lse
 
 
@@ -292,10 +387,12 @@ def attention_backward(q, k, v, out, dout, lse, dsim, dq, dk, dv, scale: float, 
     args = (seed, scale * LOG2E, scale, 1.0 / heads, dropout_p, nq, nk, heads, dim, *_s(q), *_s(k), *_s(v),
             *_s(dout))
     grid = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), batch * heads)  # noqa: E731
-    _bwd_dkdv[grid](q, k, v, dout, lse, delta, dsim_arg, dk, dv, *args, *_s(dk), *_s(dv), **common,
+    buckets = (_bucket(nq), _bucket(nk))
+    _bwd_dkdv[grid](q, k, v, dout, lse, delta, dsim_arg, dk, dv, *args, *_s(dk), *_s(dv), *buckets, **common,
                     **_bwd_dkdv.single_config)
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _bwd_dq[grid](q, k, v, dout, lse, delta, dsim_arg, dq, *args, *_s(dq), **common, **_bwd_dq.single_config)
+    _bwd_dq[grid](q, k, v, dout, lse, delta, dsim_arg, dq, *args, *_s(dq), *buckets, **common,
+                  **_bwd_dq.single_config)
 
 
 def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -388,16 +485,18 @@ def _specs():
     specs = []
     fwd_sig = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", LSE="*fp32", seed="i32", qk_scale="fp32",
                    dropout_p="fp32", Nq="i32", Nk="i32", H="i32", D="i32", **strides, sob="i32", som="i32",
-                   soh="i32", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_D="constexpr", DROPOUT="constexpr")
+                   soh="i32", Nq_bucket="i32", Nk_bucket="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                   BLOCK_D="constexpr", DROPOUT="constexpr")
     bwd_common = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", DO="*{dtype}", LSE="*fp32", DELTA="*fp32",
                       DSIM="*{dtype}")
     bwd_tail = dict(seed="i32", qk_scale="fp32", scale="fp32", inv_h="fp32", dropout_p="fp32", Nq="i32", Nk="i32",
                     H="i32", D="i32", **strides, sdob="i32", sdom="i32", sdoh="i32")
     consts = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "DROPOUT", "HAS_DSIM"]
     dkdv_sig = dict(**bwd_common, DK="*{dtype}", DV="*{dtype}", **bwd_tail, sdkb="i32", sdkn="i32", sdkh="i32",
-                    sdvb="i32", sdvn="i32", sdvh="i32", **{c: "constexpr" for c in consts})
-    dq_sig = dict(**bwd_common, DQ="*{dtype}", **bwd_tail, sdqb="i32", sdqm="i32", sdqh="i32",
-                  **{c: "constexpr" for c in consts})
+                    sdvb="i32", sdvn="i32", sdvh="i32", Nq_bucket="i32", Nk_bucket="i32",
+                    **{c: "constexpr" for c in consts})
+    dq_sig = dict(**bwd_common, DQ="*{dtype}", **bwd_tail, sdqb="i32", sdqm="i32", sdqh="i32", Nq_bucket="i32",
+                  Nk_bucket="i32", **{c: "constexpr" for c in consts})
     # Each (dtype group, head-dim class) compiles at the class's largest BLOCK_D (64: ViT-L's 32 and the Shrunk
     # backbone's 64; 128: the largest head dim the op accepts) with dropout and the dSim term on, the superset of
     # the code the other specializations compile.

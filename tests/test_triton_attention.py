@@ -169,6 +169,95 @@ def test_atm_attention_dropout_gradient_by_finite_differences(device):
             assert abs(numeric - analytic) <= 1e-2 * (1 + abs(analytic)), (numeric.item(), analytic.item())
 
 
+def _keep_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def philox_pair(ref, ours, seed, M: tl.constexpr, C: tl.constexpr):
+        rows = tl.arange(0, M) * 7 + 3
+        quads = tl.arange(0, C) + 5
+        a = tl.randint4x(seed, (rows.to(tl.int64)[:, None] << 32) | quads.to(tl.int64)[None, :])
+        b = atm_kernels._philox(seed, tl.broadcast_to(quads[None, :], [M, C]), tl.broadcast_to(rows[:, None], [M, C]))
+        i = tl.arange(0, M)[:, None] * C + tl.arange(0, C)[None, :]
+        for lane in tl.static_range(4):
+            tl.store(ref + lane * M * C + i, a[lane].to(tl.int32, bitcast=True))
+            tl.store(ours + lane * M * C + i, b[lane].to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def keep_map(out, seed, dropout_p, row0, R, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the mask of rows row0 + [0, R), keys [0, N) as a pass with (BLOCK_M, BLOCK_N) tiles generates it
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start = tl.program_id(1) * BLOCK_N
+        keep = atm_kernels._keep(seed, row0 + offs_m, start, atm_kernels._threshold(dropout_p), BLOCK_M, BLOCK_N)
+        n = start + tl.arange(0, BLOCK_N)
+        tl.store(out + offs_m[:, None] * N + n[None, :], keep.to(tl.int8),
+                 mask=(offs_m < R)[:, None] & (n < N)[None, :])
+
+    return philox_pair, keep_map
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_philox_is_randint4x(device):
+    # _philox (the 64-bit-product form) is bit for bit tl.randint4x of the counter (c1 << 32) | c0.
+    philox_pair, _ = _keep_kernels()
+    ref, ours = (torch.zeros(4 * 16 * 8, dtype=torch.int32, device=device) for _ in range(2))
+    philox_pair[(1,)](ref, ours, 123457, 16, 8)
+    assert torch.equal(ref, ours) and ref.unique().numel() > 500
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_keep_mask_is_tile_independent_and_exact(device):
+    # Every pass (forward 64 x 64, dK/dV 64 x 32, dQ 32 x 64, ...) must regenerate the same mask: the mask of a row
+    # and key may not depend on the tile that computes it. Key j of row r keeps iff lane j % 4 of
+    # randint4x(seed, (r << 32) | j // 4) >= p * 2**32, so the keep rate is 1 - p (here checked at the published
+    # p = 0.1 on 2**18 draws: 5 standard deviations = 0.003).
+    import triton
+
+    philox_pair, keep_map = _keep_kernels()
+    p, seed, row0, rows, keys = 0.1, 2024, 150 * 5 + 3, 256, 1024
+    masks = []
+    for bm, bn in [(16, 16), (64, 64), (32, 64), (64, 32), (16, 128)]:
+        out = torch.full((rows, keys), -1, dtype=torch.int8, device=device)
+        keep_map[(triton.cdiv(rows, bm), triton.cdiv(keys, bn))](out, seed, p, row0, rows, keys, bm, bn)
+        masks.append(out.cpu())
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    keep = masks[0].double()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5
+    # the lane layout: rows 0..15 x quads 0..7 of the mask against randint4x itself
+    ref = torch.zeros(4 * 16 * 8, dtype=torch.int32, device=device)
+    philox_pair[(1,)](ref, torch.zeros_like(ref), seed, 16, 8)  # rows 7 i + 3, quads 5 + c
+    threshold = int(torch.tensor(p, dtype=torch.float32).item() * 2 ** 32)
+    lanes = (ref.cpu().view(4, 16, 8).to(torch.int64) & 0xFFFFFFFF) >= threshold  # (lane, i, c)
+    out = torch.full((16 * 7, 64), -1, dtype=torch.int8, device=device)
+    keep_map[(7, 1)](out, seed, p, 3, 16 * 7, 64, 16, 64)
+    got = out.cpu()[0::7].view(16, 16, 4)[:, 5:13]  # rows 3 + 7 i, keys 4 (5 + c) + lane
+    assert torch.equal(got.bool(), lanes.permute(1, 2, 0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_atm_attention_negative_scale(device):
+    # The forward kernel needs qk_scale >= 0 (max(qk_scale s) = qk_scale max(s)); the launcher flips q otherwise.
+    q, k, v = (leaf(1, n, 2, 8, dtype=torch.float32, device=device) for n in (5, 21, 21))
+    refs = float64_leaves(q, k, v)
+    grads = (torch.randn(1, 5, 2, 8, dtype=torch.float64), torch.randn(1, 5, 21, dtype=torch.float64))
+    ours = run_with_grads(lambda *a: segvit.ops.atm_attention(*a, scale=-0.4), (q, k, v),
+                          [t.to(device, torch.float32) for t in grads])
+    ref = run_with_grads(lambda *a: atm_mod.reference(*a, scale=-0.4), refs, grads)
+    for name, a, r in zip(("out", "sim", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_atm_attention_autotune_keys_are_size_buckets():
+    # Autotune keys are the next powers of 2 of Nq and Nk, so whole-image and multi-scale evaluation (a new Nk at
+    # each image size) reuse a tuned config within a bucket instead of re-benchmarking.
+    assert [atm_kernels._bucket(n) for n in (1, 16, 17, 150, 1600, 2048, 2049)] == [16, 16, 32, 256, 2048, 2048,
+                                                                                     4096]
+    for fn in (atm_kernels._attn_fwd, atm_kernels._attn_bwd_dkdv, atm_kernels._attn_bwd_dq):
+        names = getattr(fn, "arg_names", None) or list(getattr(fn, "signature", fn).parameters)
+        assert {"Nq_bucket", "Nk_bucket"} <= set(names)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_atm_attention_opcheck(device):
     q, k, v = (leaf(2, n, 3, 8, dtype=torch.float32, device=device) for n in (5, 9, 9))
@@ -284,6 +373,7 @@ def test_gpu_import_path_builds_the_autotuners():
             " (q._proj, q.PROJ_CONFIGS)]:\n"
             "    assert isinstance(k, triton.runtime.Autotuner) and len(k.configs) == len(a._all(t)), k\n"
             "    assert k.single_config == {}\n"
+            "    assert k.keys[:2] == (['Nq_bucket', 'Nk_bucket'] if k is not q._proj else ['Lp', 'C']), k.keys\n"
             # triton's own Autotuner calls the pruner with the launch's positional tensors and constexpr kwargs
             "import torch\n"
             "a._bwd_dq.nargs = {'Q': torch.empty(0, dtype=torch.float32)}\n"
