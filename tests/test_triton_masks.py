@@ -73,6 +73,40 @@ def test_mask_classify_matches_reference(shape, dtype, device):
 
 
 @pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 5, 40, 3, 4, 13, 37), (2, 3, 7, 9, 11, 4, 5), (1, 4, 6, 5, 7, 5, 7)],
+                         ids=["K40_superTiles", "down", "same"])
+@pytest.mark.parametrize("gather", [False, True], ids=["matrix", "gather"])
+def test_mask_classify_paths(shape, dtype, gather, device, monkeypatch):
+    # Class super-tiles (K above the two accumulators), and half logits on both interpolation paths: the weight
+    # matrix (FOOT <= FOOT_MAX) and the four gathers (FOOT_MAX = 0 forces them; float32 always gathers).
+    if gather:
+        monkeypatch.setattr(mc_kernels, "FOOT_MAX", 0)
+    B, Q, K, h, w, Hout, Wout = shape
+    class_logits, mask_logits = mc_inputs(B, Q, K, h, w, dtype, device)
+    out = mc_kernels.mask_classify(class_logits, mask_logits, (Hout, Wout))
+    expected = mc_ops.reference(class_logits.cpu(), mask_logits.cpu(), (Hout, Wout))
+    assert torch.isfinite(out).all(), "output not fully written (NaN poison left)"
+    if dtype == torch.float32:
+        assert_close(out, expected, F32_TOL, F32_TOL)
+    else:
+        assert_within_eager("out", out, mc_ops.eager(class_logits, mask_logits, (Hout, Wout)), expected,
+                            HALF_FLOOR[dtype])
+
+
+def test_mask_classify_tiling_rules():
+    # Published class counts: 150 -> 128 + 32, 171 -> 128 + 64, 60 -> 64 (one program covers all classes).
+    assert [mc_kernels.class_tiles(k, 128) for k in (150, 171, 60, 300)] == [(128, 32), (128, 64), (64, 0),
+                                                                           (128, 128)]
+    # 16x upsampling needs at most 11 source columns per 128-pixel chunk; in == out needs the chunk itself.
+    assert [mc_kernels.footprint(n, 16 * n, 128) for n in (40, 32, 30)] == [16, 16, 16]
+    assert mc_kernels.footprint(640, 640, 128) == 128 and mc_kernels.footprint(7, 5, 16) == 16
+    # The lo half of the split weights is skipped only where every weight is exact (power-of-2 upsampling).
+    assert [mc_kernels.exact_weights(w, W) for w, W in ((40, 640), (30, 480), (6, 6), (4, 12), (5, 7))] == [
+        True, True, True, False, False]
+
+
+@pytest.mark.parametrize("device", [DEVICE])
 def test_mask_classify_interpolation_matches_f_interpolate(device):
     # One query, K = 1 with the two class logits equal: P = 1/2 exactly, so out = sigmoid(interpolate(m)) / 2 and
     # the comparison isolates the source-index rule (a wrong tap moves values by far more than 1e-6).
