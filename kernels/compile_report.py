@@ -1,19 +1,28 @@
 """Ahead-of-time compile check of every Triton kernel for A100 (sm_80) and H100 (sm_90a), with no GPU.
 
     python -m segvit.kernels.compile_report              # table on stdout; exit 1 on any failure
-    python -m segvit.kernels.compile_report --markdown   # also rewrite the table in kernels/README.md
+    python -m segvit.kernels.compile_report --markdown   # also rewrite the tables in kernels/README.md
+    python -m segvit.kernels.compile_report --all-configs  # every listed config, without launch specialization
 
-Every module of ``segvit.kernels`` that defines ``COMPILE_SPECS`` is compiled for each spec, each autotune config
-and each dtype: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` gives the PTX and the
-shared memory the launch needs (``metadata.shared``); ``ptxas -v`` on the PTX gives registers and spills. A spec is a
-dict: ``name``, ``fn`` (the ``@triton.jit`` kernel), ``signature`` (argument -> ASTSource type string; ``{dtype}``
-is replaced by each entry of ``dtypes``, e.g. ``"*{dtype}"``), ``constexprs`` (fixed constexpr values), ``configs``
-(dicts of constexpr values plus ``num_warps`` / ``num_stages``: the configs the autotuner may pick), ``dtypes``
-(``fp32`` / ``fp16`` / ``bf16``) and optionally ``tensor_cores`` (True: the fp16/bf16 variants must contain
-``mma.sync`` on sm_80 and ``wgmma`` or ``mma`` on sm_90).
+Default: **what launches**. Every op of every published model (``segvit.list_models()``, batch 1 and 8, bf16 and
+fp32, the ATM attention with dropout 0 and 0.1, forward and the backward training runs) is called through its real
+Triton launcher in compile-only mode (``compile_only.py``, cases in ``launch_cases.py``): Triton's own binder
+specializes the arguments as a launch does (16-byte-aligned pointers, integers divisible by 16), the autotuner
+prunes its configs with the call's arguments and compiles every survivor, and the launcher's torch code runs on CPU
+tensors. Each distinct compiled kernel is one row: registers (from the cubin), spills (``ptxas -v`` on its PTX with
+Triton's options), shared memory, blocks per SM (occupancy from registers, shared memory and warps), tensor-core
+instructions in the SASS (``HMMA`` = mma.sync, ``HGMMA`` = wgmma), asynchronous copies (``LDGSTS`` = cp.async,
+``UTMALDG`` = TMA), and how many published cases launch it or may pick it.
+
+``--all-configs``: the older spec path. Every module of ``segvit.kernels`` that defines ``COMPILE_SPECS`` is
+compiled for each spec, each autotune config and each dtype with ``triton.compile(ASTSource(...))`` and no
+launch-time specialization. A spec is a dict: ``name``, ``fn`` (the ``@triton.jit`` kernel), ``signature``
+(argument -> ASTSource type string; ``{dtype}`` is replaced by each entry of ``dtypes``, e.g. ``"*{dtype}"``),
+``constexprs``, ``configs`` (dicts of constexpr values plus ``num_warps`` / ``num_stages``), ``dtypes`` and
+optionally ``tensor_cores``.
 
 A row fails on a compile or ptxas error, on shared memory above the architecture's per-block limit, on any spill
-(every listed config is one the autotuner may choose), or on a missing tensor-core instruction where one is required.
+(every row is a config the autotuner may choose), or on a missing tensor-core instruction where one is required.
 """
 from __future__ import annotations
 
@@ -34,6 +43,10 @@ from dataclasses import dataclass, field
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}  # Triton emits sm_90a PTX for capability 90 (wgmma needs the "a")
 ARCHS = (80, 90)
+# Per-SM limits for occupancy: 64 K registers (allocated per warp in units of 256), shared memory per SM (A100
+# 164 KiB, H100 228 KiB, 1 KiB of it reserved per resident block), 64 warps and 32 blocks.
+SM_LIMITS = {80: {"regs": 65536, "smem": 164 * 1024, "warps": 64, "blocks": 32},
+             90: {"regs": 65536, "smem": 228 * 1024, "warps": 64, "blocks": 32}}
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 BEGIN, END = "<!-- compile-report:begin -->", "<!-- compile-report:end -->"
 
@@ -50,6 +63,20 @@ class Row:
     smem: int | None = None
     tensor_core: str = "-"
     problems: list[str] = field(default_factory=list)
+    blocks_per_sm: int | None = None  # launch mode: resident programs per SM (occupancy)
+    async_copy: str = "-"              # launch mode: cp.async / TMA in the SASS
+    specialization: str = ""           # launch mode: arguments specialized as divisible by 16
+    cases: int = 0                     # launch mode: published cases that compile this kernel
+
+
+def blocks_per_sm(regs: int, num_warps: int, smem: int, arch: int) -> int:
+    """Resident programs (thread blocks) per SM: the least of the register, shared-memory, warp and block limits."""
+    limits = SM_LIMITS[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    warps_per_scheduler = (limits["regs"] // 4) // regs_per_warp  # the register file is split over 4 schedulers
+    by_regs = (4 * warps_per_scheduler) // num_warps
+    by_smem = limits["smem"] // (smem + 1024)
+    return max(0, min(by_regs, by_smem, limits["warps"] // num_warps, limits["blocks"]))
 
 
 def parse_ptxas(text: str) -> dict:
@@ -156,6 +183,91 @@ def compile_row(spec: dict, config: dict, dtype: str, arch: int, ptxas: str, wor
     return row
 
 
+def _ptxas_spills(ptx: str, arch: int, ptxas: str, workdir: str) -> dict:
+    """``ptxas -v`` on Triton's PTX with Triton's own register-allocation option (its cubin has no spill counts)."""
+    path = os.path.join(workdir, f"launch{arch}.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    result = subprocess.run([ptxas, "--regAllocOptLevel=2", "-v", f"--gpu-name={PTXAS_ARCH[arch]}", path,
+                             "-o", os.devnull], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {(result.stderr or result.stdout).strip()[:200]}")
+    return parse_ptxas(result.stdout + result.stderr)
+
+
+def _kernel_dtype(kernel) -> str:
+    """The element type of the kernel's first pointer argument (the op's input dtype)."""
+    for ty in getattr(kernel.src, "signature", {}).values():
+        if isinstance(ty, str) and ty.startswith("*"):
+            return ty[1:]
+    return "-"
+
+
+def tensor_core_kernels() -> set[str]:
+    """Names of the @triton.jit functions whose specs require tensor cores for half dtypes."""
+    names = set()
+    for module in kernel_modules():
+        for spec in module.COMPILE_SPECS:
+            if spec.get("tensor_cores"):
+                names.add(spec["fn"].__name__)
+    return names
+
+
+def launch_key(launch) -> tuple:
+    return (launch.arch, launch.fn_name, tuple(sorted(launch.constexprs.items())), launch.num_warps,
+            launch.num_stages, _kernel_dtype(launch.kernel), launch.specialization)
+
+
+def record_launches(arch: int, cases=None, on_case=None) -> list:
+    """Run every published launch case for ``sm_<arch>`` in compile-only mode; the recorded launches."""
+    from segvit.kernels import launch_cases
+    from segvit.kernels.compile_only import compile_only
+
+    with compile_only(arch) as launches:
+        for case in cases if cases is not None else launch_cases.published_cases():
+            case.run()
+            if on_case:
+                on_case(case)
+    return launches
+
+
+def launch_rows(launches: list, ptxas: str, workdir: str, needs_tensor_cores: set[str]) -> list[Row]:
+    """One row per distinct compiled kernel of ``launches``."""
+    from segvit.kernels import sass
+
+    groups: dict[tuple, list] = {}
+    for launch in launches:
+        groups.setdefault(launch_key(launch), []).append(launch)
+    rows = []
+    for key, group in groups.items():
+        first = group[0]
+        module = first.kernel.src.fn.__module__.rsplit(".", 1)[-1]
+        config = dict(first.constexprs, num_warps=first.num_warps, num_stages=first.num_stages)
+        row = Row(f"{module}.{first.fn_name}", config_name(config), _kernel_dtype(first.kernel), first.arch)
+        row.specialization = first.specialization
+        row.cases = len({lnch.tags.get("case") for lnch in group})
+        row.smem = int(first.kernel.metadata.shared)
+        try:
+            info = sass.analyse(first.kernel.asm["cubin"])
+            spills = _ptxas_spills(first.kernel.asm["ptx"], first.arch, ptxas, workdir)
+        except Exception as exc:  # a failed disassembly or ptxas run is a report failure, with its message
+            row.problems.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+            rows.append(row)
+            continue
+        row.regs = info["resources"]["regs"]
+        row.spill_stores, row.spill_loads = spills["spill_stores"], spills["spill_loads"]
+        row.tensor_core = info["features"]["tensor_cores"]
+        row.async_copy = info["features"]["async_copy"]
+        row.blocks_per_sm = blocks_per_sm(row.regs, first.num_warps, row.smem, first.arch)
+        row.problems += check(row, first.fn_name in needs_tensor_cores)
+        if info["resources"]["stack"] or info["resources"]["local"]:
+            row.problems.append(f"stack frame {info['resources']['stack']} B / local {info['resources']['local']} B")
+        if row.blocks_per_sm == 0:
+            row.problems.append("does not fit an SM (registers or shared memory)")
+        rows.append(row)
+    return rows
+
+
 def kernel_modules() -> list:
     import segvit.kernels as package
 
@@ -180,7 +292,23 @@ def markdown_row(r: Row) -> str:
             f"| {spills} | {r.smem if r.smem is not None else '-'} | {r.tensor_core} | {status} |")
 
 
+LAUNCH_HEADER = ["| kernel | config | dtype | arch | regs | spills (st/ld B) | smem (B) | blocks/SM | tensor cores "
+                 "| async copy | cases | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def launch_markdown_row(r: Row) -> str:
+    spills = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+    status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
+    regs = r.regs if r.regs is not None else "-"
+    smem = r.smem if r.smem is not None else "-"
+    blocks = r.blocks_per_sm if r.blocks_per_sm is not None else "-"
+    return (f"| {r.kernel.split('.', 1)[-1]} | {r.config} | {r.dtype} | sm_{r.arch} | {regs} | {spills} | {smem} "
+            f"| {blocks} | {r.tensor_core} | {r.async_copy} | {r.cases} | {status} |")
+
+
 def markdown(rows: list[Row]) -> str:
+    if rows and rows[0].specialization:
+        return "\n".join(LAUNCH_HEADER + [launch_markdown_row(r) for r in rows])
     return "\n".join(HEADER + [markdown_row(r) for r in rows])
 
 
@@ -197,7 +325,7 @@ def write_readme(table: str, header: str, path: str = README) -> None:
         f.write(text)
 
 
-def write_section_tables(rows: list[Row], path: str = README) -> None:
+def write_section_tables(rows: list[Row], path: str = README, caption: str = "Compile report (sm_80, sm_90):") -> None:
     """Put each kernel module's rows at the end of its ``## <module>`` section of kernels/README.md, next to that
     kernel's roofline note (replacing the module's previous table)."""
     text = open(path, encoding="utf-8").read()
@@ -206,7 +334,7 @@ def write_section_tables(rows: list[Row], path: str = README) -> None:
         by_module.setdefault(row.kernel.split(".")[0], []).append(row)
     for module, module_rows in by_module.items():
         begin, end = f"<!-- compile-report:{module}:begin -->", f"<!-- compile-report:{module}:end -->"
-        block = f"{begin}\nCompile report (sm_80, sm_90):\n\n{markdown(module_rows)}\n{end}"
+        block = f"{begin}\n{caption}\n\n{markdown(module_rows)}\n{end}"
         if begin in text and end in text:
             start, stop = text.index(begin), text.index(end) + len(end)
             text = text[:start] + block + text[stop:]
@@ -221,44 +349,80 @@ def write_section_tables(rows: list[Row], path: str = README) -> None:
         f.write(text)
 
 
+def _tool_note(ptxas: str) -> str:
+    import triton
+
+    root = os.path.dirname(os.path.dirname(triton.__file__))
+    return f"triton {triton.__version__}, ptxas of {os.path.relpath(ptxas, root) if 'site-packages' in ptxas else ptxas}"
+
+
+def _spec_rows(args, ptxas: str, workdir: str) -> list[Row]:
+    rows = []
+    print("\n".join(HEADER), flush=True)  # rows stream as they compile: a slow CI run shows where it is
+    for module in kernel_modules():
+        for spec in module.COMPILE_SPECS:
+            if args.kernel and spec["name"] not in args.kernel:
+                continue
+            for config in spec["configs"]:
+                for dtype in spec["dtypes"]:
+                    for arch in ARCHS:
+                        rows.append(compile_row(spec, config, dtype, arch, ptxas, workdir))
+                        print(markdown_row(rows[-1]), flush=True)
+    return rows
+
+
+def _launch_rows(args, ptxas: str, workdir: str) -> list[Row]:
+    from segvit.kernels import launch_cases
+
+    cases = [c for c in launch_cases.published_cases() if not args.op or c.op in args.op]
+    needs = tensor_core_kernels()
+    rows = []
+    print("\n".join(LAUNCH_HEADER), flush=True)
+    for arch in ARCHS:
+        started = time.time()
+
+        def progress(case, arch=arch, counter=iter(range(1, len(cases) + 1))):
+            print(f"  sm_{arch} [{next(counter)}/{len(cases)}] {case.name} ({time.time() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+        launches = record_launches(arch, cases, on_case=progress)
+        for row in launch_rows(launches, ptxas, workdir, needs):
+            rows.append(row)
+            print(launch_markdown_row(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="rewrite the table in kernels/README.md")
-    parser.add_argument("--kernel", action="append", help="only specs with this name (repeatable)")
+    parser.add_argument("--markdown", action="store_true", help="rewrite the tables in kernels/README.md")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="compile every COMPILE_SPECS config without launch specialization (the older report)")
+    parser.add_argument("--kernel", action="append", help="--all-configs: only specs with this name (repeatable)")
+    parser.add_argument("--op", action="append", help="only the launch cases of this op (repeatable)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The kernels must be real @triton.jit functions, not interpreter wrappers.
         print("compile_report: unset TRITON_INTERPRET (it replaces the compiler by the interpreter)", file=sys.stderr)
         return 2
-    import triton
-
     ptxas = find_ptxas()
     start = time.time()
-    rows = []
-    print("\n".join(HEADER), flush=True)  # rows stream as they compile: a slow CI run shows where it is
     with tempfile.TemporaryDirectory() as workdir:
-        for module in kernel_modules():
-            for spec in module.COMPILE_SPECS:
-                if args.kernel and spec["name"] not in args.kernel:
-                    continue
-                for config in spec["configs"]:
-                    for dtype in spec["dtypes"]:
-                        for arch in ARCHS:
-                            rows.append(compile_row(spec, config, dtype, arch, ptxas, workdir))
-                            print(markdown_row(rows[-1]), flush=True)
-    table = markdown(rows)
+        rows = (_spec_rows if args.all_configs else _launch_rows)(args, ptxas, workdir)
     failed = [r for r in rows if r.problems]
-    print(f"\n{len(rows)} compiles, {len(failed)} failed, {time.time() - start:.0f} s "
-          f"(triton {triton.__version__}, {ptxas})")
+    what = "compiles" if args.all_configs else "distinct kernels launched by the published models"
+    print(f"\n{len(rows)} {what}, {len(failed)} failed, {time.time() - start:.0f} s ({_tool_note(ptxas)})")
     if args.markdown:
-        only = "".join(f" --kernel {k}" for k in args.kernel or [])
-        write_section_tables(rows)
-        table = (f"{len(rows)} compiles, {len(failed)} failed; each kernel's table stands at the end of its section "
-                 "above.")
-        write_readme(table, f"Generated by `python -m segvit.kernels.compile_report --markdown{only}` (triton "
-                            f"{triton.__version__}, ptxas of {os.path.relpath(ptxas, os.path.dirname(os.path.dirname(triton.__file__))) if 'site-packages' in ptxas else ptxas}). "
-                            f"Limits: shared memory {SMEM_LIMIT[80] // 1024} KiB (sm_80), {SMEM_LIMIT[90] // 1024} KiB "
-                            "(sm_90) per block; no spills in any autotune config.")
+        flags = " --all-configs" if args.all_configs else ""
+        flags += "".join(f" --kernel {k}" for k in args.kernel or []) + "".join(f" --op {o}" for o in args.op or [])
+        caption = ("Compile report (sm_80, sm_90; every listed config, no launch specialization):" if args.all_configs
+                   else "Compile report (sm_80, sm_90), as launched by the published models (launch specialization, "
+                        "every config the autotuner may pick; `cases`: how many published cases compile it):")
+        write_section_tables(rows, caption=caption)
+        table = f"{len(rows)} {what}, {len(failed)} failed; each kernel's table stands at the end of its section above."
+        write_readme(table, f"Generated by `python -m segvit.kernels.compile_report --markdown{flags}` "
+                            f"({_tool_note(ptxas)}). Limits: shared memory {SMEM_LIMIT[80] // 1024} KiB (sm_80), "
+                            f"{SMEM_LIMIT[90] // 1024} KiB (sm_90) per block; no spills in any config the autotuner "
+                            "may pick.")
     return 1 if failed else 0
 
 
