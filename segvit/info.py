@@ -35,6 +35,8 @@ def report() -> str:
     lines.append("kernels per op:")
     for name, op in sorted(_dispatch.OPS.items()):
         lines.append(f"  {name:22s} {', '.join(b for b in _dispatch.BACKENDS if b in op.kernels)}")
+        lines += [f"  {'':22s} auto and {backend}: {kernel.auto_note}" for backend, kernel in op.kernels.items()
+                  if kernel.auto != "yes"]
     return "\n".join(lines)
 
 

@@ -195,3 +195,29 @@ def test_environment_variable_selects_backend():
     env["SEGVIT_BACKEND"] = "nope"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "SEGVIT_BACKEND: unknown segvit backend 'nope'" in result.stderr
+
+
+def test_auto_policy_of_a_registration(monkeypatch):
+    """``register(..., auto=...)``: "no" keeps a backend out of auto's order whatever the inputs, "without-triton"
+    only where Triton is installed; an explicit selection still runs it; the shipped .cu mask_classify is "no"."""
+    from segvit.ops import _dispatch
+
+    calls = []
+    op = _dispatch.Op("probe")
+    op.register("eager", lambda x: calls.append("eager") or x)
+    op.register("cpp", lambda x: calls.append("cpp") or x, auto="no", auto_note="explicit only: test")
+    monkeypatch.setattr(_dispatch, "_selected", "auto")
+    op(torch.ones(1))
+    assert calls == ["eager"] and op.auto_skips("cpp")
+    monkeypatch.setattr(_dispatch, "_selected", "cpp")
+    op(torch.ones(1))
+    assert calls == ["eager", "cpp"]
+    op.register("cpp", lambda x: calls.append("cpp") or x, auto="without-triton")
+    monkeypatch.setattr(_dispatch, "_triton_installed", lambda: True)
+    assert op.auto_skips("cpp")
+    monkeypatch.setattr(_dispatch, "_triton_installed", lambda: False)
+    assert not op.auto_skips("cpp")
+    with pytest.raises(ValueError, match="auto must be one of"):
+        op.register("cpp", lambda x: x, auto="sometimes")
+    assert _dispatch.OPS["mask_classify"].kernels["cuda"].auto == "no"
+    assert "auto and cuda: explicit only" in __import__("segvit.info", fromlist=["report"]).report()

@@ -54,11 +54,24 @@ class use_backend:
         _selected = self._previous
 
 
+# When ``auto`` may pick a registered backend: always (``yes``), only where Triton is not installed
+# (``without-triton``: a GPU fallback slower than the Triton kernel), or never (``no``: explicit selection only).
+AUTO_POLICIES = ("yes", "without-triton", "no")
+
+
 @dataclass
 class Kernel:
     """One backend's implementation of one op."""
     fn: Callable
     reasons: Callable[..., list[str]] = lambda *args, **kwargs: []
+    auto: str = "yes"
+    auto_note: str = ""  # why auto passes this backend over (shown by ``python -m segvit.info``)
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass
@@ -66,10 +79,20 @@ class Op:
     name: str
     kernels: dict[str, Kernel] = field(default_factory=dict)
 
-    def register(self, backend: str, fn: Callable, reasons: Callable[..., list[str]] | None = None) -> None:
+    def register(self, backend: str, fn: Callable, reasons: Callable[..., list[str]] | None = None, *,
+                 auto: str = "yes", auto_note: str = "") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
-        self.kernels[backend] = Kernel(fn, reasons or (lambda *a, **k: []))
+        if auto not in AUTO_POLICIES:
+            raise ValueError(f"auto must be one of {AUTO_POLICIES}, got {auto!r}")
+        self.kernels[backend] = Kernel(fn, reasons or (lambda *a, **k: []), auto, auto_note)
+
+    def auto_skips(self, backend: str) -> bool:
+        """Whether ``auto`` passes this backend over whatever the inputs (its registration's ``auto`` policy)."""
+        kernel = self.kernels.get(backend)
+        if kernel is None or kernel.auto == "yes":
+            return False
+        return kernel.auto == "no" or _triton_installed()
 
     def why_not(self, backend: str, *args, **kwargs) -> list[str]:
         kernel = self.kernels.get(backend)
@@ -92,6 +115,8 @@ class Op:
                                    + "; ".join(reasons))
             return self.kernels[_selected].fn(*args, **kwargs)
         for backend in _AUTO_ORDER.get(device.type, ("eager",)):
+            if self.auto_skips(backend):
+                continue
             reasons = self.why_not(backend, *args, **kwargs)
             if not reasons:
                 return self.kernels[backend].fn(*args, **kwargs)

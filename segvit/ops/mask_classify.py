@@ -93,6 +93,9 @@ _OP.register("triton", _triton, _triton_reasons)
 
 
 
-# The extension's op dispatches on the device: the same call runs the CUDA kernel on CUDA tensors.
-# The same extension op serves CUDA tensors (the dispatcher picks the kernel by device).
-_OP.register("cuda", _cpp, lambda cls, masks, size: _compiled_reasons("cuda", cls, masks))
+# The extension's op dispatches on the device: the same call runs the CUDA kernel on CUDA tensors. auto never picks
+# it: the static cost model (benchmarks/estimate.py, kernels/README.md) puts its float32 FMA contraction from
+# shared memory several times above the Triton kernel's tensor-core dot and above eager's cuBLAS einsum.
+_OP.register("cuda", _cpp, lambda cls, masks, size: _compiled_reasons("cuda", cls, masks), auto="no",
+             auto_note="explicit only: its float32 FMA contraction is several times slower than the Triton kernel "
+                       "and than eager's cuBLAS einsum (kernels/README.md)")
