@@ -513,3 +513,12 @@ def _specs():
 
 
 COMPILE_SPECS = _specs()
+
+
+# Loop trip counts per program, in SASS order, for the static cost model (benchmarks/estimate.py): the forward and
+# the dQ pass loop over the full key tiles (the ragged tail is straight-line code), the dK/dV pass over query tiles.
+LOOP_TRIPS = {
+    "_attn_fwd": lambda a: [a["Nk"] // a["BLOCK_N"]],
+    "_attn_bwd_dkdv": lambda a: [-(-a["Nq"] // a["BLOCK_M"])],
+    "_attn_bwd_dq": lambda a: [a["Nk"] // a["BLOCK_N"]],
+}

@@ -306,3 +306,7 @@ if triton is not None:
     def _(class_logits, mask_logits, out_size):
         B, _, K1 = class_logits.shape
         return class_logits.new_empty((B, K1 - 1, out_size[0], out_size[1]))
+
+
+# Loop trip counts per program for the static cost model (benchmarks/estimate.py): one loop over query blocks.
+LOOP_TRIPS = {"_mask_classify_kernel": lambda a: [-(-a["Q"] // a["BLOCK_Q"])]}

@@ -183,3 +183,7 @@ def _specs():
 
 
 COMPILE_SPECS = _specs()
+
+
+# Loop trip counts per program for the static cost model (benchmarks/estimate.py): the projection loops over C.
+LOOP_TRIPS = {"_gather_proj": lambda a: [-(-a["C"] // a["BLOCK_K"])]}
