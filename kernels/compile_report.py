@@ -399,6 +399,9 @@ def main(argv=None) -> int:
                         help="compile every COMPILE_SPECS config without launch specialization (the older report)")
     parser.add_argument("--kernel", action="append", help="--all-configs: only specs with this name (repeatable)")
     parser.add_argument("--op", action="append", help="only the launch cases of this op (repeatable)")
+    parser.add_argument("--allow-spills", action="store_true",
+                        help="list spilling rows as FAIL but exit 0 for them (compile errors, shared memory and "
+                             "missing tensor cores still fail)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The kernels must be real @triton.jit functions, not interpreter wrappers.
@@ -409,6 +412,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         rows = (_spec_rows if args.all_configs else _launch_rows)(args, ptxas, workdir)
     failed = [r for r in rows if r.problems]
+    spill_only = [r for r in failed if all("spill" in p or "stack frame" in p for p in r.problems)]
     what = "compiles" if args.all_configs else "distinct kernels launched by the published models"
     print(f"\n{len(rows)} {what}, {len(failed)} failed, {time.time() - start:.0f} s ({_tool_note(ptxas)})")
     if args.markdown:
@@ -423,6 +427,9 @@ def main(argv=None) -> int:
                             f"({_tool_note(ptxas)}). Limits: shared memory {SMEM_LIMIT[80] // 1024} KiB (sm_80), "
                             f"{SMEM_LIMIT[90] // 1024} KiB (sm_90) per block; no spills in any config the autotuner "
                             "may pick.")
+    if args.allow_spills and spill_only:
+        print(f"--allow-spills: {len(spill_only)} spilling rows listed above do not fail this run", file=sys.stderr)
+        failed = [r for r in failed if r not in spill_only]
     return 1 if failed else 0
 
 
