@@ -4,7 +4,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, assert_within_eager
+from helpers import assert_close, assert_within_eager, torch_threads
 from helpers import num_threads  # noqa: F401  (a fixture: pytest finds it in this module's namespace)
 from segvit import _extension
 
@@ -59,6 +59,31 @@ def test_bfloat16_error_within_2x_eager(shape, num_threads):
     assert out.shape == (B, K, Hout, Wout) and out.dtype == torch.bfloat16
     assert (out > 0).all(), "output not fully written"
     assert_within_eager("out", out, mc_ops.eager(class_logits, mask_logits, (Hout, Wout)), expected, BF16_FLOOR)
+
+
+# The fused AVX2 float32 path (where the CPU has it) tiles the work by 6 classes x 16 pixels per micro-tile, 128 output
+# columns and 32 output rows per task: K, Wout and Hout off those multiples, Wout above one chunk, Wout odd (no
+# aligned streaming stores) and even (streaming), in == out sizes, and a published-like 16x upsampling.
+TILING_SHAPES = [
+    (1, 13, 17, 5, 9, 70, 301),
+    (2, 8, 6, 7, 7, 7, 7),
+    (1, 20, 11, 4, 5, 33, 144),
+    (1, 9, 7, 3, 40, 97, 129),
+    (1, 31, 25, 4, 4, 64, 64),
+]
+
+
+@pytest.mark.parametrize("shape", TILING_SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
+def test_float32_tiling_matches_reference_and_is_thread_count_independent(shape):
+    B, Q, K, h, w, Hout, Wout = shape
+    class_logits, mask_logits = inputs(B, Q, K, h, w)
+    outs = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            outs.append(mask_classify(class_logits, mask_logits, (Hout, Wout)))
+    assert (outs[0] > 0).all(), "output not fully written"
+    assert_close(outs[0], mc_ops.reference(class_logits, mask_logits, (Hout, Wout)), F32_ATOL, F32_RTOL)
+    assert torch.equal(outs[0], outs[1]), "results differ between 1 and 2 threads"
 
 
 def test_non_contiguous_inputs_are_accepted():
