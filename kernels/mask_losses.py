@@ -7,180 +7,335 @@ For every (b, c) with class c present in labels[b] (ignore_index excluded), over
     focal(b, c) = mean(a_t ce q^gamma),   dice(b, c) = 1 - (2 I + 1) / (S + T + 1),  I = sum s t, S = sum s, T = sum t
     loss_focal = sum focal / num_masks,   loss_dice = sum dice / num_masks,   num_masks = max(#pairs, 1)
 
-Forward: grid (pixel tiles, B). A program loads its tile of labels once and loops over the present classes of its
-image: interpolates the class's logits on the fly, and writes the tile's partial sums (focal, I, S, T) to a
-(pairs, tiles, 4) buffer, which torch reduces in a fixed order. The (pairs, Hl, Wl) upsampled logits and one-hot
-targets never exist.
+Per pixel everything is a function of z = (1 - 2 t) p (z = p for a negative, -p for a target): q = sigmoid(z),
+ce = softplus(z) = max(z, 0) + log(1 + e), e = exp(-|p|). The kernels compute in base 2 with the fast
+special-function forms: e = exp2(-|p| log2 e) (ex2.approx), r = 1 / (1 + e) (div.approx), lg = log2(1 + e)
+(lg2.approx), then s = r or e r by the sign of p, q = r or e r by the sign of z, ce / ln 2 = max(z, 0) log2 e + lg,
+and q^gamma is q q for gamma = 2 (a ``tl.constexpr``; other gammas use exp2(-gamma (lg + max(-z, 0) log2 e)), which
+needs no second logarithm). The ln 2 of the focal sum is applied once per pair. The interpreter uses the exact
+``tl.math.log2`` and ``/`` instead (no libdevice there).
+
+No host synchronisation. The launcher counts the labels of each (image, class) with a ``scatter_add_`` on the device
+(T, and presence = T > 0) and compacts the present pairs with two cumulative sums into a permutation ``order`` of
+the B K (image, class) indices b K + c, present pairs first in (b, c) order, plus per-image start offsets; the
+kernels read the number of pairs from that device buffer, so the grids are fixed by the shapes alone.
+
+Forward: grid (pixel tiles, B). A program loads its tile of labels once (narrowed to int32, -1 for anything that is
+not a class), computes the interpolation taps and weights once (taps shifted at the last row / column so the second
+tap is always the first + 1: the neighbours sit at constant offsets from one base offset), and loops over the
+present classes of its image: four gathers of the class's logits (they stay in L1/L2), the pixel terms, and one
+three-value reduction (focal, I, S) per class, written to a (B K, tiles, 3) buffer by pair index. Pixels past the
+end of the image get a -1e30 bias on their logit, which makes every one of their terms exactly zero. A second small
+kernel sums each pair's tiles in a fixed order and writes the (B, K, 4) stats [focal sum, I, S, T] of every (b, c)
+(zeros for absent pairs); the losses are a few (B, K)-sized torch ops on them. The (pairs, Hl, Wl) upsampled logits
+and one-hot targets never exist.
 
 Backward, per pixel (sigma = -1 if t else +1)::
 
     d focal_pixel / dp = sigma a_t q^gamma (q + gamma (1 - q) ce)
-    d dice / dp        = (-2 t / D + (2 I + 1) / D^2) s (1 - s),   D = S + T + 1
+    d dice / dp        = (-2 t / D + (2 I + 1) / D^2) s (1 - s),   D = S + T + 1,   s (1 - s) = q (1 - q)
 
-scaled by the incoming gradients / num_masks (and 1 / (Hl Wl) for the focal mean), then moved to the low-resolution
-grid through the transposed bilinear weights: grad[b, c] = Wy^T G Wx with G the (Hl, Wl) pixel gradient and Wy
-(Hl, h), Wx (Wl, w) the interpolation matrices (two non-zeros per row). Deterministic by ownership, no atomics: a
-program owns a BLOCK_I x BLOCK_J block of low-resolution cells of one pair, visits exactly the high-resolution
-rows and columns whose taps reach that block (a contiguous range, as taps are monotone in the destination index;
-the host computes it, widened by one as a guard), recomputes G there, and accumulates
-Wy_tile^T (G_tile Wx_tile) with two ``tl.dot`` in a fixed loop order. Pixels on a block border are recomputed by the
-two or four programs that share them (a few percent at 16x upsampling), the price of needing no second pass.
+scaled by the incoming gradients / num_masks (and 1 / (Hl Wl) for the focal mean) into four per-pair coefficients
+(a (B, K, 4) table made by torch on the device), then moved to the low-resolution grid through the transposed
+bilinear weights: grad[b, c] = Wy^T G Wx with G the (Hl, Wl) pixel gradient and Wy (Hl, h), Wx (Wl, w) the
+interpolation matrices (two non-zeros per row). Deterministic by ownership, no atomics: a work item is one
+own_i x own_j block of low-resolution cells of one present pair (own <= BLOCK_I, BLOCK_J, chosen by the host from
+the sizes so the block's high-resolution footprint fills whole tiles: at 16x, 14-15 cells map to 240-256 rows);
+a persistent grid walks the (pairs x blocks) items, the number of pairs read on the device. An item visits exactly
+the high-resolution rows and columns whose taps reach its block, computed in the kernel from the closed-form tap
+rule (an estimate refined on 8 candidates with the kernel's own rule, widened by one as a guard), recomputes G
+there and accumulates Wy_tile^T (G_tile Wx_tile) with two ``tl.dot`` in a fixed loop order. Pixels on a block
+border are recomputed by the two or four items that share them, the price of needing no second pass.
 """
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import torch
 
 from segvit.kernels import _common
 from segvit.kernels._common import INTERPRET, tl, triton
 from segvit.kernels.mask_classify import bilinear_scale
 
-# A100 / H100. Forward: one pixel tile per program, labels read once per image; 640x640 labels give 400-800 tiles
-# per image. Backward: BLOCK_I x BLOCK_J = 16 x 16 low-resolution cells per program (40x40 logits: 9 programs per
-# pair, 360 for 40 pairs), high-resolution tiles of BLOCK_Y x BLOCK_X.
-# One BLOCK_P for every forward config: the partial-sum buffer is (pairs, tiles, 4), so the tile count must not
-# depend on the config the autotuner picks (a benchmark run of a smaller tile would leave stale trailing tiles).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# A100 / H100. Forward: one pixel tile per program, labels and taps computed once per image tile, 8 pixels per
+# thread so the per-class three-value reduction is amortized; 640x640 labels give 200 tiles per image.
+# One BLOCK_P for every forward config: the partial-sum buffer is (pairs, tiles, 3), so the tile count must not
+# depend on the config the autotuner picks.
 FWD_CONFIGS = [
-    {"BLOCK_P": 1024, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_P": 1024, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_P": 2048, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_P": 2048, "num_warps": 4, "num_stages": 1},
 ]
-# (64 x 64 high-resolution tiles spilled with 4 and 8 warps on sm_80: the recomputed forward keeps ~10 float32
-# values per pixel live.)
+# Backward: a 16 x 16 low-resolution accumulator per work item, BLOCK_Y x BLOCK_X high-resolution tiles (every
+# config must share the block and tile shapes: the host picks the owned block size (own_i, own_j) for them).
+# 64 x 32 with 8 warps: ~72 SASS instructions per pixel-pair; with 4 warps it is ~68 but spills on sm_90 (255
+# registers), and 32 x 32 tiles cost ~79.
 BWD_CONFIGS = [
-    {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_Y": 32, "BLOCK_X": 64, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_Y": 32, "BLOCK_X": 32, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_Y": 64, "BLOCK_X": 32, "num_warps": 8, "num_stages": 1},
 ]
+SUM_CONFIGS = [{"BLOCK_R": 16, "BLOCK_T": 64, "num_warps": 4, "num_stages": 1}]
+# The backward's two contractions: float32 operands on tensor cores, each split into two tf32 halves (3 MMAs,
+# about float32 accuracy: relative error ~1e-6 against ~1e-4 for plain tf32).
+DOT_PRECISION = "ieee"
 INTERPRET_FWD = {"BLOCK_P": 128}
 INTERPRET_BWD = {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_Y": 16, "BLOCK_X": 32}
+INTERPRET_SUM = {"BLOCK_R": 16, "BLOCK_T": 16}
+# Persistent backward grid: programs per SM (the grid is capped by the number of work items the shapes allow).
+BWD_PROGRAMS_PER_SM = 4
+DEFAULT_SMS = 108  # A100, for launches without a CUDA device (compile-only runs, the interpreter)
 
 
 if triton is not None:
     from segvit.kernels.mask_classify import bilinear_taps
 
-    @triton.jit
-    def _pow(base, gamma):
-        # base ** gamma for base >= 0, with 0 ** 0 = 1 (exp(0 * log 0) would be NaN).
-        safe = tl.where(base > 0, base, 1.0)
-        return tl.where(base > 0, tl.exp(gamma * tl.log(safe)), tl.where(gamma == 0, 1.0, 0.0))
+    if INTERPRET:
+        @triton.jit
+        def _log2(x):
+            return tl.math.log2(x)
+
+        @triton.jit
+        def _rcp(x):
+            return 1.0 / x
+    else:
+        from triton.language.extra import libdevice
+
+        @triton.jit
+        def _log2(x):
+            return libdevice.fast_log2f(x)  # lg2.approx.ftz.f32: one MUFU.LG2
+
+        @triton.jit
+        def _rcp(x):
+            return libdevice.fast_dividef(1.0, x)  # div.approx.ftz.f32: one MUFU.RCP (x in [1, 2] here)
 
     @triton.jit
-    def _pixel_terms(p, t, alpha, gamma):
-        """s, 1 - s, ce, q = 1 - p_t, a_t, a_t q^gamma of logits p and float targets t (0/1)."""
-        # One exp and one reciprocal give s, 1 - s (without cancellation for large p) and softplus: the kernel is
-        # bound by the special-function units, not memory.
-        e = tl.exp(-tl.abs(p))
-        r = 1.0 / (1.0 + e)
-        s = tl.where(p >= 0, r, e * r)
-        s_neg = tl.where(p >= 0, e * r, r)
-        ce = tl.maximum(p, 0.0) - p * t + tl.log(1.0 + e)
-        q = tl.where(t > 0, s_neg, s)
-        a_t = tl.where(alpha >= 0, tl.where(t > 0, alpha, 1.0 - alpha), 1.0)
-        return s, s_neg, ce, q, a_t, a_t * _pow(q, gamma)
+    def _lerp_taps(dst, in_size, out_size, scale):
+        """First source index i0 and weights (l0, l1) of i0 and i0 + 1 (PyTorch's align_corners=False rule, see
+        ``bilinear_taps``), with the last source index (where both taps are in - 1) taken as (in - 2, in - 1) with
+        weights (0, 1), so the second tap is always i0 + 1 when in_size > 1 (i0 alone when in_size == 1)."""
+        i0, i1, l0, l1 = bilinear_taps(dst, in_size, out_size, scale)
+        last = (i0 == in_size - 1) & (in_size > 1)
+        return tl.where(last, in_size - 2, i0), tl.where(last, 0.0, l0), tl.where(last, 1.0, l1)
 
     @triton.jit
-    def _mask_losses_fwd_kernel(logits_ptr, labels_ptr, pair_class_ptr, pair_start_ptr, partial_ptr,
-                                K, h, w, Hl, Wl, scale_h, scale_w, alpha, gamma, num_tiles,
-                                BLOCK_P: tl.constexpr):
+    def _dst_range(i_s, i_e, in_size, out_size, scale, inv):
+        """Inclusive destination range [lo, hi] whose taps reach source indices [i_s, i_e]: the taps are (i0, i0 + 1)
+        with i0 monotone in the destination, so the range is {dst: i_s - 1 <= i0(dst) <= i_e}. The closed form
+        dst = (m + 0.5) / scale - 0.5 gives an estimate, refined exactly on 8 candidates with the kernel's own tap
+        rule, then widened by one on each side as a guard."""
+        k = tl.arange(0, 8) - 3
+        lo_c = tl.minimum(tl.maximum(((i_s - 0.5) * inv - 0.5).to(tl.int32) + k, 0), out_size - 1)
+        hi_c = tl.minimum(tl.maximum(((i_e + 1.5) * inv - 0.5).to(tl.int32) - 1 + k, 0), out_size - 1)
+        lo_i0, _, _, _ = bilinear_taps(lo_c, in_size, out_size, scale)
+        hi_i0, _, _, _ = bilinear_taps(hi_c, in_size, out_size, scale)
+        lo = tl.min(tl.where(lo_i0 >= i_s - 1, lo_c, out_size), axis=0)
+        hi = tl.max(tl.where(hi_i0 <= i_e, hi_c, -1), axis=0)
+        same = in_size == out_size  # i0 = dst: exactly [i_s, i_e]
+        return tl.where(same, i_s, tl.maximum(lo - 1, 0)), tl.where(same, i_e, tl.minimum(hi + 1, out_size - 1))
+
+    @triton.jit
+    def _pixel_terms(p, t, GAMMA: tl.constexpr):
+        """s = sigmoid(p), q = sigmoid(z), 1 - q, ce / ln 2 = softplus(z) / ln 2 and q^GAMMA, z = -p if t else p."""
+        n = tl.abs(p) * 1.4426950408889634  # |p| log2 e = |z| log2 e
+        e = tl.math.exp2(-n)
+        d = 1.0 + e
+        r = _rcp(d)
+        er = e * r
+        lg = _log2(d)
+        pos = p >= 0
+        zpos = pos != t
+        s = tl.where(pos, r, er)
+        q = tl.where(zpos, r, er)
+        omq = tl.where(zpos, er, r)
+        ce2 = tl.where(zpos, n, 0.0) + lg
+        if GAMMA == 2.0:
+            qg = q * q
+        elif GAMMA == 1.0:
+            qg = q
+        elif GAMMA == 0.0:
+            qg = tl.full(q.shape, 1.0, tl.float32)
+        else:
+            # log2 q = -(lg + max(-z, 0) log2 e): q^gamma without a second logarithm
+            qg = tl.math.exp2(-GAMMA * (lg + tl.where(zpos, 0.0, n)))
+        return s, q, omq, ce2, qg
+
+    @triton.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
+
+    # ``tune_key`` (unused by the code) is the autotune key: bucketed sizes, not specialized on.
+    @triton.jit(do_not_specialize=["tune_key"])
+    def _mask_losses_fwd_kernel(logits_ptr, labels_ptr, order_ptr, starts_ptr, partial_ptr,
+                                K, h, w, Hl, Wl, scale_h, scale_w, a_pos, a_neg, num_tiles, tune_key,
+                                GAMMA: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr):
         tile = tl.program_id(0)
         b = tl.program_id(1)
         HW = Hl * Wl
         pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = pix < HW
-        y0, y1, ly0, ly1 = bilinear_taps(pix // Wl, h, Hl, scale_h)
-        x0, x1, lx0, lx1 = bilinear_taps(pix % Wl, w, Wl, scale_w)
-        labels = tl.load(labels_ptr + b.to(tl.int64) * HW + pix, mask=ok, other=0)
-        first = tl.load(pair_start_ptr + b)
-        last = tl.load(pair_start_ptr + b + 1)
+        pix = tl.minimum(pix, HW - 1)
+        yy = pix // Wl
+        y0, ly0, ly1 = _lerp_taps(yy, h, Hl, scale_h)
+        x0, lx0, lx1 = _lerp_taps(pix - yy * Wl, w, Wl, scale_w)
+        o00 = y0 * w + x0
+        w00 = ly0 * lx0
+        w01 = ly0 * lx1
+        w10 = ly1 * lx0
+        w11 = ly1 * lx1
+        bias = tl.where(ok, 0.0, -1e30)  # pixels past the end: every term exactly 0
+        labels = tl.load(labels_ptr + b.to(tl.int64) * HW + pix)
+        labels = tl.where(ok & (labels >= 0) & (labels < K), labels, -1).to(tl.int32)
+        dy = tl.minimum(h - 1, 1) * w
+        first = tl.load(starts_ptr + b)
+        last = tl.load(starts_ptr + b + 1)
         for pair in range(first, last):
-            c = tl.load(pair_class_ptr + pair)
-            base = logits_ptr + (b.to(tl.int64) * K + c) * (h * w)
-            v00 = tl.load(base + y0 * w + x0, mask=ok, other=0.0).to(tl.float32)
-            v01 = tl.load(base + y0 * w + x1, mask=ok, other=0.0).to(tl.float32)
-            v10 = tl.load(base + y1 * w + x0, mask=ok, other=0.0).to(tl.float32)
-            v11 = tl.load(base + y1 * w + x1, mask=ok, other=0.0).to(tl.float32)
-            p = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
-            t = tl.where(ok & (labels == c), 1.0, 0.0)
-            s, s_neg, ce, q, a_t, weight = _pixel_terms(p, t, alpha, gamma)
-            out = partial_ptr + (pair * num_tiles + tile) * 4  # int32: pairs * tiles * 4 << 2**31
-            tl.store(out + 0, tl.sum(tl.where(ok, weight * ce, 0.0), axis=0))
-            tl.store(out + 1, tl.sum(s * t, axis=0))
-            tl.store(out + 2, tl.sum(tl.where(ok, s, 0.0), axis=0))
-            tl.store(out + 3, tl.sum(t, axis=0))
+            flat = tl.load(order_ptr + pair)  # b * K + c
+            c = flat - b * K
+            ptr0 = logits_ptr + flat.to(tl.int64) * (h * w) + o00
+            ptr1 = ptr0 + dy
+            v00 = tl.load(ptr0).to(tl.float32)
+            v01 = tl.load(ptr0 + WIDE).to(tl.float32)  # WIDE = (w > 1): an immediate offset
+            v10 = tl.load(ptr1).to(tl.float32)
+            v11 = tl.load(ptr1 + WIDE).to(tl.float32)
+            p = bias + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+            t = labels == c
+            s, q, omq, ce2, qg = _pixel_terms(p, t, GAMMA)
+            focal = tl.where(t, a_pos, a_neg) * qg * ce2
+            f, i, s_sum = tl.reduce((focal, tl.where(t, s, 0.0), s), 0, _add3)
+            out = partial_ptr + (pair * num_tiles + tile) * 3  # int32: B K tiles 3 << 2**31
+            tl.store(out + 0, f)
+            tl.store(out + 1, i)
+            tl.store(out + 2, s_sum)
 
     @triton.jit
-    def _mask_losses_bwd_kernel(logits_ptr, labels_ptr, pair_image_ptr, pair_class_ptr, coef_ptr,
-                                row_lo_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr, grad_ptr,
-                                K, h, w, Hl, Wl, scale_h, scale_w, alpha, gamma,
-                                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    def _mask_losses_sum_kernel(partial_ptr, order_ptr, starts_ptr, counts_ptr, stats_ptr, B, K, num_tiles,
+                                BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        """stats[b, c] = [ln 2 sum focal, I, S, T] for every (b, c): pair rows summed over tiles in a fixed order;
+        rows past the number of pairs (absent (b, c)) read nothing and write zeros (T = 0 there)."""
+        num_pairs = tl.load(starts_ptr + B)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_range = rows < B * K
+        valid = rows < num_pairs
+        acc_f = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+        acc_i = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+        acc_s = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+        for t0 in range(0, num_tiles, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            m = valid[:, None] & (tt[None, :] < num_tiles)
+            ptr = partial_ptr + (rows[:, None] * num_tiles + tt[None, :]) * 3
+            acc_f += tl.load(ptr + 0, mask=m, other=0.0)
+            acc_i += tl.load(ptr + 1, mask=m, other=0.0)
+            acc_s += tl.load(ptr + 2, mask=m, other=0.0)
+        flat = tl.load(order_ptr + rows, mask=in_range, other=0)
+        bb = flat // K
+        cnt = tl.load(counts_ptr + flat + bb, mask=in_range, other=0).to(tl.float32)  # counts is (B, K + 1)
+        out = stats_ptr + flat * 4
+        tl.store(out + 0, tl.sum(acc_f, axis=1) * 0.6931471805599453, mask=in_range)
+        tl.store(out + 1, tl.sum(acc_i, axis=1), mask=in_range)
+        tl.store(out + 2, tl.sum(acc_s, axis=1), mask=in_range)
+        tl.store(out + 3, cnt, mask=in_range)
+
+    @triton.jit(do_not_specialize=["tune_key"])
+    def _mask_losses_bwd_kernel(logits_ptr, labels_ptr, order_ptr, starts_ptr, coef_ptr, grad_ptr,
+                                B, K, h, w, Hl, Wl, scale_h, scale_w, inv_h, inv_w, own_i, own_j, nbi, nbj, tune_key,
+                                GAMMA: tl.constexpr, WIDE: tl.constexpr, DOT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                                 BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
-        pair = tl.program_id(0)
-        bi = tl.program_id(1)
-        bj = tl.program_id(2)
-        b = tl.load(pair_image_ptr + pair).to(tl.int64)
-        c = tl.load(pair_class_ptr + pair)
-        coef_focal = tl.load(coef_ptr + pair * 3 + 0)
-        coef_dice_t = tl.load(coef_ptr + pair * 3 + 1)
-        coef_dice_1 = tl.load(coef_ptr + pair * 3 + 2)
-        base = logits_ptr + (b * K + c) * (h * w)
-        labels_b = labels_ptr + b * Hl * Wl
-        ii = bi * BLOCK_I + tl.arange(0, BLOCK_I)
-        jj = bj * BLOCK_J + tl.arange(0, BLOCK_J)
-        # High-resolution rows / columns whose taps can reach this block (host-computed, inclusive).
-        y_lo = tl.load(row_lo_ptr + bi)
-        y_hi = tl.load(row_hi_ptr + bi)
-        x_lo = tl.load(col_lo_ptr + bj)
-        x_hi = tl.load(col_hi_ptr + bj)
-        acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-        for y_start in range(y_lo, y_hi + 1, BLOCK_Y):
-            y = y_start + tl.arange(0, BLOCK_Y)
-            y_ok = y <= y_hi
-            y0, y1, ly0, ly1 = bilinear_taps(y, h, Hl, scale_h)
-            # Row weights onto this block's low-resolution rows; y0 == y1 at the last row gets both weights,
-            # as ATen's backward does.
-            wy = tl.where(y0[:, None] == ii[None, :], ly0[:, None], 0.0) \
-                + tl.where(y1[:, None] == ii[None, :], ly1[:, None], 0.0)
-            wy = tl.where(y_ok[:, None], wy, 0.0)
-            for x_start in range(x_lo, x_hi + 1, BLOCK_X):
-                x = x_start + tl.arange(0, BLOCK_X)
-                x_ok = x <= x_hi
-                x0, x1, lx0, lx1 = bilinear_taps(x, w, Wl, scale_w)
-                ok = y_ok[:, None] & x_ok[None, :]
-                v00 = tl.load(base + y0[:, None] * w + x0[None, :], mask=ok, other=0.0).to(tl.float32)
-                v01 = tl.load(base + y0[:, None] * w + x1[None, :], mask=ok, other=0.0).to(tl.float32)
-                v10 = tl.load(base + y1[:, None] * w + x0[None, :], mask=ok, other=0.0).to(tl.float32)
-                v11 = tl.load(base + y1[:, None] * w + x1[None, :], mask=ok, other=0.0).to(tl.float32)
-                p = ly0[:, None] * (lx0[None, :] * v00 + lx1[None, :] * v01) \
-                    + ly1[:, None] * (lx0[None, :] * v10 + lx1[None, :] * v11)
-                labels = tl.load(labels_b + y[:, None] * Wl + x[None, :], mask=ok, other=0)
-                t = tl.where(ok & (labels == c), 1.0, 0.0)
-                s, s_neg, ce, q, a_t, weight = _pixel_terms(p, t, alpha, gamma)
-                sign = tl.where(t > 0, -1.0, 1.0)
-                d_focal = sign * weight * (q + gamma * (1.0 - q) * ce)
-                d_dice = (coef_dice_t * t + coef_dice_1) * s * s_neg
-                g = tl.where(ok, coef_focal * d_focal + d_dice, 0.0)
-                wx = tl.where(x0[:, None] == jj[None, :], lx0[:, None], 0.0) \
-                    + tl.where(x1[:, None] == jj[None, :], lx1[:, None], 0.0)
-                wx = tl.where(x_ok[:, None], wx, 0.0)
-                g_cols = tl.dot(g, wx, input_precision="ieee")  # (BLOCK_Y, BLOCK_J)
-                acc = tl.dot(tl.trans(wy), g_cols, acc, input_precision="ieee")
-        out = grad_ptr + (b * K + c) * (h * w) + ii[:, None] * w + jj[None, :]
-        tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=(ii[:, None] < h) & (jj[None, :] < w))
+        num_pairs = tl.load(starts_ptr + B)
+        nblk = nbi * nbj
+        dy = tl.minimum(h - 1, 1) * w
+        gamma_ln2 = GAMMA * 0.6931471805599453
+        for item in range(tl.program_id(0), num_pairs * nblk, tl.num_programs(0)):
+            pair = item // nblk
+            blk = item - pair * nblk
+            bi = blk // nbj
+            bj = blk - bi * nbj
+            flat = tl.load(order_ptr + pair)
+            b = flat // K
+            c = flat - b * K
+            # (signed, scaled) focal weight of a target / a negative, dice coefficient of a target / a negative
+            f_t = tl.load(coef_ptr + flat * 4 + 0)
+            f_n = tl.load(coef_ptr + flat * 4 + 1)
+            d_t = tl.load(coef_ptr + flat * 4 + 2)
+            d_n = tl.load(coef_ptr + flat * 4 + 3)
+            i_s = bi * own_i
+            i_e = tl.minimum(i_s + own_i, h) - 1
+            j_s = bj * own_j
+            j_e = tl.minimum(j_s + own_j, w) - 1
+            y_lo, y_hi = _dst_range(i_s, i_e, h, Hl, scale_h, inv_h)
+            x_lo, x_hi = _dst_range(j_s, j_e, w, Wl, scale_w, inv_w)
+            ii = i_s + tl.arange(0, BLOCK_I)
+            jj = j_s + tl.arange(0, BLOCK_J)
+            i_ok = ii <= i_e
+            j_ok = jj <= j_e
+            base = logits_ptr + flat.to(tl.int64) * (h * w)
+            labels_b = labels_ptr + b.to(tl.int64) * (Hl * Wl)
+            acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for y_start in range(y_lo, y_hi + 1, BLOCK_Y):
+                y = y_start + tl.arange(0, BLOCK_Y)
+                y_ok = y <= y_hi
+                y = tl.minimum(y, y_hi)  # clamped rows: valid loads, zero weight below
+                y0, ly0, ly1 = _lerp_taps(y, h, Hl, scale_h)
+                row0 = base + y0 * w
+                labels_y = labels_b + y * Wl
+                # G Wx of this row tile, over the whole column range; Wy^T once per row tile after it.
+                cols = tl.zeros((BLOCK_Y, BLOCK_J), dtype=tl.float32)
+                for x_start in range(x_lo, x_hi + 1, BLOCK_X):
+                    x = x_start + tl.arange(0, BLOCK_X)
+                    x_ok = x <= x_hi
+                    x = tl.minimum(x, x_hi)
+                    # Column weights onto this block's low-resolution columns (ATen's rule: i0 == i1 at the last
+                    # column gets both weights).
+                    c0, c1, cl0, cl1 = bilinear_taps(x, w, Wl, scale_w)
+                    wx = tl.where(c0[:, None] == jj[None, :], cl0[:, None], 0.0) \
+                        + tl.where(c1[:, None] == jj[None, :], cl1[:, None], 0.0)
+                    wx = tl.where(x_ok[:, None] & j_ok[None, :], wx, 0.0)
+                    x0, lx0, lx1 = _lerp_taps(x, w, Wl, scale_w)
+                    ptr0 = row0[:, None] + x0[None, :]
+                    ptr1 = ptr0 + dy
+                    v00 = tl.load(ptr0).to(tl.float32)
+                    v01 = tl.load(ptr0 + WIDE).to(tl.float32)
+                    v10 = tl.load(ptr1).to(tl.float32)
+                    v11 = tl.load(ptr1 + WIDE).to(tl.float32)
+                    p = ly0[:, None] * (lx0[None, :] * v00 + lx1[None, :] * v01) \
+                        + ly1[:, None] * (lx0[None, :] * v10 + lx1[None, :] * v11)
+                    t = tl.load(labels_y[:, None] + x[None, :]) == c
+                    s, q, omq, ce2, qg = _pixel_terms(p, t, GAMMA)
+                    g = tl.where(t, f_t, f_n) * qg * (q + gamma_ln2 * (omq * ce2)) + tl.where(t, d_t, d_n) * (q * omq)
+                    cols = tl.dot(g, wx, cols, input_precision=DOT)  # (BLOCK_Y, BLOCK_J)
+                # Row weights (ATen's rule at the last row as for the columns).
+                r0, r1, rl0, rl1 = bilinear_taps(y, h, Hl, scale_h)
+                wy = tl.where(r0[:, None] == ii[None, :], rl0[:, None], 0.0) \
+                    + tl.where(r1[:, None] == ii[None, :], rl1[:, None], 0.0)
+                wy = tl.where(y_ok[:, None] & i_ok[None, :], wy, 0.0)
+                acc = tl.dot(tl.trans(wy), cols, acc, input_precision=DOT)
+            out = grad_ptr + flat.to(tl.int64) * (h * w) + ii[:, None] * w + jj[None, :]
+            tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
-    _KEY = ["K", "h", "w", "Hl", "Wl"]
-    _fwd = _common.autotune(FWD_CONFIGS, INTERPRET_FWD, _KEY)(_mask_losses_fwd_kernel)
-    _bwd = _common.autotune(BWD_CONFIGS, INTERPRET_BWD, _KEY)(_mask_losses_bwd_kernel)
+    # Autotune key: ``tune_key`` = the label and logit pixel counts bucketed to powers of two (a new image size in a
+    # bucket reuses the choice), with the logits' dtype (the autotuner adds the argument dtypes).
+    _fwd = _common.autotune(FWD_CONFIGS, INTERPRET_FWD, ["tune_key"])(_mask_losses_fwd_kernel)
+    _bwd = _common.autotune(BWD_CONFIGS, INTERPRET_BWD, ["tune_key"])(_mask_losses_bwd_kernel)
 
-    _COMMON = {"K": "i32", "h": "i32", "w": "i32", "Hl": "i32", "Wl": "i32", "scale_h": "fp32", "scale_w": "fp32",
-               "alpha": "fp32", "gamma": "fp32"}
+    _SIZES = {"K": "i32", "h": "i32", "w": "i32", "Hl": "i32", "Wl": "i32", "scale_h": "fp32", "scale_w": "fp32"}
     COMPILE_SPECS = [
         {"name": "mask_losses.fwd", "fn": _mask_losses_fwd_kernel,
-         "signature": {"logits_ptr": "*{dtype}", "labels_ptr": "*i64", "pair_class_ptr": "*i32",
-                       "pair_start_ptr": "*i32", "partial_ptr": "*fp32", **_COMMON, "num_tiles": "i32"},
-         "constexprs": {}, "configs": FWD_CONFIGS, "dtypes": ["fp32", "fp16", "bf16"]},
+         "signature": {"logits_ptr": "*{dtype}", "labels_ptr": "*i64", "order_ptr": "*i32", "starts_ptr": "*i32",
+                       "partial_ptr": "*fp32", **_SIZES, "a_pos": "fp32", "a_neg": "fp32", "num_tiles": "i32",
+                       "tune_key": "i32"},
+         "constexprs": {"GAMMA": 2.0, "WIDE": 1}, "configs": FWD_CONFIGS, "dtypes": ["fp32", "fp16", "bf16"]},
+        {"name": "mask_losses.sum", "fn": _mask_losses_sum_kernel,
+         "signature": {"partial_ptr": "*fp32", "order_ptr": "*i32", "starts_ptr": "*i32", "counts_ptr": "*i32",
+                       "stats_ptr": "*fp32", "B": "i32", "K": "i32", "num_tiles": "i32"},
+         "constexprs": {}, "configs": SUM_CONFIGS, "dtypes": ["fp32"]},
         {"name": "mask_losses.bwd", "fn": _mask_losses_bwd_kernel,
-         "signature": {"logits_ptr": "*{dtype}", "labels_ptr": "*i64", "pair_image_ptr": "*i32",
-                       "pair_class_ptr": "*i32", "coef_ptr": "*fp32", "row_lo_ptr": "*i32", "row_hi_ptr": "*i32",
-                       "col_lo_ptr": "*i32", "col_hi_ptr": "*i32", "grad_ptr": "*fp32", **_COMMON},
-         "constexprs": {}, "configs": BWD_CONFIGS, "dtypes": ["fp32", "fp16", "bf16"]},
+         "signature": {"logits_ptr": "*{dtype}", "labels_ptr": "*i64", "order_ptr": "*i32", "starts_ptr": "*i32",
+                       "coef_ptr": "*fp32", "grad_ptr": "*{dtype}", "B": "i32", **_SIZES, "inv_h": "fp32",
+                       "inv_w": "fp32", "own_i": "i32", "own_j": "i32", "nbi": "i32", "nbj": "i32",
+                       "tune_key": "i32"},
+         "constexprs": {"GAMMA": 2.0, "WIDE": 1, "DOT": DOT_PRECISION}, "configs": BWD_CONFIGS, "dtypes": ["fp32", "fp16", "bf16"]},
     ]
 else:
     COMPILE_SPECS = []
@@ -192,7 +347,8 @@ def reasons(mask_logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> list[s
 
 
 def mask_losses(mask_logits, labels, *, ignore_index=255, alpha=0.25, gamma=2.0):
-    """Dispatcher entry: the ``segvit::triton_mask_losses`` custom op (its autograd runs the backward kernel)."""
+    """Dispatcher entry: the ``segvit::triton_mask_losses`` custom op (its autograd runs the backward kernel).
+    No host synchronisation: ``num_masks`` is a device tensor, every grid depends on the shapes only."""
     loss_focal, loss_dice, num_masks, _ = torch.ops.segvit.triton_mask_losses(
         mask_logits, labels, int(ignore_index), float(alpha), float(gamma))
     return loss_focal, loss_dice, num_masks
@@ -203,12 +359,50 @@ def _labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.contiguous() if labels.dtype in (torch.int64, torch.int32) else labels.to(torch.int32).contiguous()
 
 
-def _pairs_from_present(present: torch.Tensor):
-    """(image, class) int32 of every True in a (B, K) mask, in (b, c) order, and per-image start offsets (B+1)."""
-    images, classes = present.nonzero(as_tuple=True)
-    starts = torch.zeros(present.shape[0] + 1, dtype=torch.int32, device=present.device)
-    starts[1:] = present.sum(1).cumsum(0)
-    return images.to(torch.int32), classes.to(torch.int32), starts
+def _tune_key(n_labels: int, n_logits: int) -> int:
+    """Autotune bucket of the sizes: log2 of the pixel counts rounded up to powers of two."""
+    return (max(n_labels - 1, 0).bit_length() << 8) | max(n_logits - 1, 0).bit_length()
+
+
+def _alphas(alpha: float) -> tuple[float, float]:
+    """(a_t of a target, a_t of a negative)."""
+    return (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+
+
+def _class_counts(labels: torch.Tensor, K: int, ignore_index: int) -> torch.Tensor:
+    """(B, K + 1) int32 pixel count of every class in every image, on the device (ignore_index and anything outside
+    [0, K) counted in the extra last column)."""
+    B = labels.shape[0]
+    flat = labels.reshape(B, -1).long()
+    flat = torch.where((flat == ignore_index) | (flat < 0) | (flat >= K), K, flat)
+    counts = torch.zeros(B, K + 1, dtype=torch.int32, device=labels.device)
+    return counts.scatter_add_(1, flat, torch.ones((), dtype=torch.int32, device=labels.device).expand_as(flat))
+
+
+def _compact(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``order``: int32 permutation of the B K flat indices b K + c with the present ones first in (b, c) order;
+    ``starts``: (B + 1) int32 offsets of each image's pairs in it (starts[B] = the number of pairs). Device ops only
+    (cumulative sums and one scatter), no host synchronisation."""
+    B, K = present.shape
+    flat = present.reshape(-1)
+    inc = flat.to(torch.int32).cumsum(0, dtype=torch.int32)
+    num = inc[-1:]
+    pos = torch.where(flat, inc - 1, num + (~flat).to(torch.int32).cumsum(0, dtype=torch.int32) - 1)
+    order = torch.empty(B * K, dtype=torch.int32, device=present.device)
+    order.scatter_(0, pos.long(), torch.arange(B * K, dtype=torch.int32, device=present.device))
+    starts = torch.zeros(B + 1, dtype=torch.int32, device=present.device)
+    starts[1:] = present.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return order, starts
+
+
+def _losses(stats: torch.Tensor, n_pixels: int):
+    """(loss_focal, loss_dice, num_masks) from the (B, K, 4) stats [focal sum, I, S, T] (zeros where absent)."""
+    focal, inter, sig, tgt = stats.unbind(-1)
+    present = tgt > 0
+    num_masks = present.sum().clamp_min(1)
+    n = num_masks.to(torch.float32)
+    dice = torch.where(present, 1 - (2 * inter + 1) / (sig + tgt + 1), 0.0)
+    return focal.sum() / n_pixels / n, dice.sum() / n, num_masks
 
 
 def _forward(mask_logits, labels, ignore_index: int, alpha: float, gamma: float):
@@ -217,93 +411,92 @@ def _forward(mask_logits, labels, ignore_index: int, alpha: float, gamma: float)
     device = mask_logits.device
     logits = mask_logits.contiguous()
     labels = _labels(labels)
-    # Present classes per image; ignore_index (and anything outside [0, K), rejected by the public function) lands
-    # in an extra column that is dropped.
-    flat = labels.reshape(B, -1).long()
-    flat = torch.where((flat == ignore_index) | (flat < 0) | (flat >= K), K, flat)
-    present = torch.zeros(B, K + 1, dtype=torch.bool, device=device).scatter_(1, flat, True)[:, :K]
-    images, classes, starts = _pairs_from_present(present)
-    num_pairs = images.numel()
-    stats = torch.zeros(B, K, 3, dtype=torch.float32, device=device)
-    num_masks = torch.tensor(max(num_pairs, 1), dtype=torch.int64, device=device)
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    if num_pairs == 0:
-        return zero, zero.clone(), num_masks, stats
+    counts = _class_counts(labels, K, ignore_index)
+    order, starts = _compact(counts[:, :K] > 0)
+    stats = _common.empty(B, K, 4, dtype=torch.float32, device=device)
     cfg = INTERPRET_FWD if INTERPRET else FWD_CONFIGS[0]
-    block = cfg["BLOCK_P"]
-    num_tiles = triton.cdiv(Hl * Wl, block)
-    partial = _common.empty(num_pairs, num_tiles, 4, dtype=torch.float32, device=device)
-    args = (logits, labels, classes, starts, partial, K, h, w, Hl, Wl, bilinear_scale(h, Hl), bilinear_scale(w, Wl),
-            alpha, gamma, num_tiles)
-    if INTERPRET:
-        _fwd[(num_tiles, B)](*args, **cfg)
+    num_tiles = triton.cdiv(Hl * Wl, cfg["BLOCK_P"])
+    # Rows past the number of pairs are never written nor read.
+    partial = torch.empty(B * K, num_tiles, 3, dtype=torch.float32, device=device)
+    a_pos, a_neg = _alphas(alpha)
+    args = (logits, labels, order, starts, partial, K, h, w, Hl, Wl, bilinear_scale(h, Hl), bilinear_scale(w, Wl),
+            a_pos, a_neg, num_tiles, _tune_key(Hl * Wl, h * w))
+    if B * K * Hl * Wl > 0:
+        _fwd[(num_tiles, B)](*args, GAMMA=float(gamma), WIDE=int(w > 1), **(cfg if INTERPRET else {}))
+        sum_cfg = INTERPRET_SUM if INTERPRET else SUM_CONFIGS[0]
+        _mask_losses_sum_kernel[(triton.cdiv(B * K, sum_cfg["BLOCK_R"]),)](
+            partial, order, starts, counts, stats, B, K, num_tiles, **sum_cfg)
     else:
-        _fwd[(num_tiles, B)](*args)
-    sums = partial.sum(1)  # fixed-order reduction over tiles: deterministic
-    focal = sums[:, 0] / (Hl * Wl)
-    inter, sig, tgt = sums[:, 1], sums[:, 2], sums[:, 3]
-    dice = 1 - (2 * inter + 1) / (sig + tgt + 1)
-    stats[images.long(), classes.long()] = sums[:, 1:]
-    return focal.sum() / num_pairs, dice.sum() / num_pairs, num_masks, stats
+        stats.zero_()
+    loss_focal, loss_dice, num_masks = _losses(stats, Hl * Wl)
+    return loss_focal, loss_dice, num_masks, stats
 
 
-def _tap_ranges(in_size: int, out_size: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive destination ranges [lo, hi] whose bilinear taps reach each block of ``block`` source indices,
-    widened by one index on each side (the kernel's weights are exact; the widening only guards against the host
-    and device rounding a source position differently)."""
-    dst = torch.arange(out_size, dtype=torch.float32)
-    if in_size == out_size:
-        i0 = i1 = torch.arange(out_size)
-    else:
-        src = (torch.tensor(bilinear_scale(in_size, out_size), dtype=torch.float32) * (dst + 0.5) - 0.5).clamp_min(0)
-        i0 = src.long().clamp_max(in_size - 1)
-        i1 = i0 + (i0 < in_size - 1).long()
-    starts = torch.arange(0, in_size, block)
-    ends = (starts + block - 1).clamp_max(in_size - 1)
-    lo = torch.searchsorted(i1, starts, right=False)  # first dst with i1 >= block start
-    hi = torch.searchsorted(i0, ends, right=True) - 1  # last dst with i0 <= block end
-    lo = (lo - 1).clamp_min(0)
-    hi = (hi + 1).clamp_max(out_size - 1)
-    empty = lo > hi
-    hi = torch.where(empty, lo - 1, hi)
-    return lo.to(torch.int32).to(device), hi.to(torch.int32).to(device)
+@functools.lru_cache(maxsize=256)
+def _owned_block(in_size: int, out_size: int, block: int, tile: int) -> int:
+    """Owned low-resolution cells per backward work item (<= block) that minimizes the high-resolution tiles the
+    items visit: at 16x upsampling a 16-cell block reaches 16 * 16 + 16 (+2 guard) rows, 9 tiles of 32, where 14
+    cells reach 242 rows, 8 tiles. Host arithmetic on the sizes only (the kernel computes the exact ranges)."""
+    if in_size == out_size or in_size <= block:
+        return min(block, in_size) if in_size == out_size else block
+    scale = np.float32(bilinear_scale(in_size, out_size))
+    dst = np.arange(out_size, dtype=np.float32)
+    i0 = np.minimum(np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), 0).astype(np.int64), in_size - 1)
+    best, best_cost = block, None
+    for own in range(block, max(block // 2, 1) - 1, -1):
+        tiles = 0
+        for start in range(0, in_size, own):
+            end = min(start + own, in_size) - 1
+            rows = np.nonzero((i0 >= start - 1) & (i0 <= end))[0]
+            if rows.size:
+                lo, hi = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 1, out_size - 1)
+                tiles += -(-(hi - lo + 1) // tile)
+        cost = tiles * tile + 8 * -(-in_size // own)  # + a small per-item overhead
+        if best_cost is None or cost < best_cost:
+            best, best_cost = own, cost
+    return best
 
 
 def _backward(grad_focal, grad_dice, mask_logits, labels, stats, num_masks, alpha: float, gamma: float):
     B, K, h, w = mask_logits.shape
     Hl, Wl = labels.shape[-2:]
     device = mask_logits.device
-    grad = torch.zeros(B, K, h, w, dtype=torch.float32, device=device)
-    present = stats[..., 2] > 0  # a present class has T >= 1 pixel
-    images, classes, _ = _pairs_from_present(present)
-    if images.numel() == 0:
-        return grad.to(mask_logits.dtype)
-    pair_stats = stats[images.long(), classes.long()]
-    inter, sig, tgt = pair_stats.unbind(-1)
+    grad = torch.zeros(B, K, h, w, dtype=mask_logits.dtype, device=device)
+    if B * K * Hl * Wl == 0:
+        return grad
+    inter, sig, tgt = stats[..., 1], stats[..., 2], stats[..., 3]
+    present = tgt > 0
+    order, starts = _compact(present)
     n = num_masks.to(torch.float32)
-    denom = sig + tgt + 1
+    gf = (grad_focal.to(torch.float32) / (n * Hl * Wl)).expand(B, K)
     gd = grad_dice.to(torch.float32) / n
-    coef = torch.stack([(grad_focal.to(torch.float32) / (n * Hl * Wl)).expand_as(inter),
-                        -2 * gd / denom, gd * (2 * inter + 1) / denom ** 2], dim=1).contiguous()
+    denom = sig + tgt + 1
+    d_n = gd * (2 * inter + 1) / denom ** 2
+    d_t = d_n - 2 * gd / denom
+    a_pos, a_neg = _alphas(alpha)
+    coef = torch.stack([-a_pos * gf, a_neg * gf, d_t, d_n], dim=-1).contiguous()
     cfg = INTERPRET_BWD if INTERPRET else BWD_CONFIGS[0]
-    # Every config shares BLOCK_I / BLOCK_J, so the host ranges serve whichever the autotuner picks.
-    row_lo, row_hi = _tap_ranges(h, Hl, cfg["BLOCK_I"], device)
-    col_lo, col_hi = _tap_ranges(w, Wl, cfg["BLOCK_J"], device)
+    # Every config shares the block and tile shapes, so the owned block sizes serve whichever the autotuner picks.
+    own_i = _owned_block(h, Hl, cfg["BLOCK_I"], cfg["BLOCK_Y"])
+    own_j = _owned_block(w, Wl, cfg["BLOCK_J"], cfg["BLOCK_X"])
+    nbi, nbj = triton.cdiv(h, own_i), triton.cdiv(w, own_j)
     if _common.POISON:  # the kernel must write every cell of every present pair
-        grad[images.long(), classes.long()] = float("nan")
-    grid = (images.numel(), triton.cdiv(h, cfg["BLOCK_I"]), triton.cdiv(w, cfg["BLOCK_J"]))
-    args = (mask_logits.contiguous(), _labels(labels), images, classes, coef, row_lo, row_hi, col_lo, col_hi, grad,
-            K, h, w, Hl, Wl, bilinear_scale(h, Hl), bilinear_scale(w, Wl), alpha, gamma)
-    if INTERPRET:
-        _bwd[grid](*args, **cfg)
-    else:
-        _bwd[grid](*args)
-    return grad.to(mask_logits.dtype)
+        grad = torch.where(present[:, :, None, None], float("nan"), grad).to(grad.dtype)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+    # Persistent grid, capped by the work items the shapes allow (the kernel reads the number of pairs itself);
+    # the interpreter runs programs one after another, 3 of them still stride over several items.
+    programs = max(1, min(B * K * nbi * nbj, 3 if INTERPRET else BWD_PROGRAMS_PER_SM * sms))
+    args = (mask_logits.contiguous(), _labels(labels), order, starts, coef, grad, B, K, h, w, Hl, Wl,
+            bilinear_scale(h, Hl), bilinear_scale(w, Wl), float(np.float32(Hl) / np.float32(h)),
+            float(np.float32(Wl) / np.float32(w)), own_i, own_j, nbi, nbj, _tune_key(Hl * Wl, h * w))
+    _bwd[(programs,)](*args, GAMMA=float(gamma), WIDE=int(w > 1), DOT=DOT_PRECISION, **(cfg if INTERPRET else {}))
+    return grad
 
 
 if triton is not None:
     assert len({c["BLOCK_P"] for c in FWD_CONFIGS}) == 1, "the partial buffer assumes one tile size"
-    assert len({(c["BLOCK_I"], c["BLOCK_J"]) for c in BWD_CONFIGS}) == 1, "host tap ranges assume one block shape"
+    assert len({(c["BLOCK_I"], c["BLOCK_J"], c["BLOCK_Y"], c["BLOCK_X"]) for c in BWD_CONFIGS}) == 1, \
+        "the owned block sizes assume one block and tile shape"
 
     @torch.library.custom_op("segvit::triton_mask_losses", mutates_args=())
     @_common.on_inputs_device
@@ -316,7 +509,7 @@ if triton is not None:
         B, K = mask_logits.shape[:2]
         f32 = dict(dtype=torch.float32)
         return (mask_logits.new_empty((), **f32), mask_logits.new_empty((), **f32),
-                mask_logits.new_empty((), dtype=torch.int64), mask_logits.new_empty((B, K, 3), **f32))
+                mask_logits.new_empty((), dtype=torch.int64), mask_logits.new_empty((B, K, 4), **f32))
 
     @torch.library.custom_op("segvit::triton_mask_losses_backward", mutates_args=())
     @_common.on_inputs_device

@@ -283,3 +283,34 @@ def test_mask_losses_opcheck_and_compile(device):
     ref = ml_reference(logits, labels, 1.0, 2.0)
     assert_close(ours, ref[0] + 2 * ref[1], 1e-6, 1e-5)
     assert_close(grad, ref[3], ML_F32["grad_rel"] * ref[3].abs().max().item(), 1e-4)
+
+
+# New paths of the launch-synchronisation-free kernels: constexpr gammas (0, 1, 2 and the general exp2 path),
+# an all-absent image next to a present one, ignore-only labels, odd and in == out sizes, downsampling, several
+# owned blocks per pair (persistent grid striding over work items).
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 2.7])
+@pytest.mark.parametrize("shape", [(2, 4, 7, 5, 31, 19), (1, 3, 13, 9, 13, 9), (1, 5, 35, 3, 17, 41)],
+                         ids=lambda s: "B{}K{}_{}x{}to{}x{}".format(*s))
+def test_mask_losses_gammas_sizes(shape, gamma, device):
+    logits, labels = ml_inputs(*shape, torch.float32, device)
+    ml_check(logits, labels, torch.float32, gamma=gamma, alpha=0.3)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_mask_losses_ignore_only_and_absent_image(device):
+    logits = torch.randn(3, 4, 6, 5, device=device, requires_grad=True)
+    labels = torch.full((3, 23, 17), 255, device=device)
+    labels[1, :5] = 2  # only image 1 has a class
+    labels[1, 5:9] = 0
+    out = ml_check(logits, labels, torch.float32)
+    assert out[2].item() == 2 and (out[3][0] == 0).all() and (out[3][2] == 0).all()
+    assert (out[3][1, [1, 3]] == 0).all()
+
+
+def test_mask_losses_owned_block_and_ranges():
+    # the host's owned-block choice at 16x fits the footprint in whole tiles; any choice stays within the block
+    assert ml_kernels._owned_block(40, 640, 16, 64) in (14, 15)
+    assert ml_kernels._owned_block(9, 9, 16, 64) == 9
+    for in_size, out_size in [(40, 640), (32, 512), (30, 480), (9, 4), (1, 7), (21, 150)]:
+        assert 1 <= ml_kernels._owned_block(in_size, out_size, 16, 32) <= 16

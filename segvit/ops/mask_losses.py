@@ -38,6 +38,10 @@ def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index
     synchronisation per call): for a caller that has checked the same labels once already, as ``SegViTLoss`` does once
     per step for the main and every auxiliary output. Values outside [0, K) and ``ignore_index`` then give undefined
     results on the triton backend (the compiled kernels still refuse them).
+
+    Host synchronisations: the triton backend's forward and backward have none (``num_masks`` is computed on the
+    device and every grid depends on the shapes only), so with ``check_labels=False`` the op is synchronisation-free
+    there; the label check is the one that remains.
     """
     _checks.tensor("mask_logits", mask_logits, 4, "(B, K, h, w)")
     _checks.tensor("labels", labels, 3, "(B, Hl, Wl)", dtypes=_LABEL_DTYPES)
