@@ -50,7 +50,6 @@ border are recomputed by the two or four items that share them, the price of nee
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import torch
@@ -59,8 +58,6 @@ from segvit.kernels import _common
 from segvit.kernels._common import INTERPRET, tl, triton
 from segvit.kernels.mask_classify import bilinear_scale
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # A100 / H100. Forward: one pixel tile per program, labels and taps computed once per image tile, 8 pixels per
 # thread so the per-class three-value reduction is amortized; 640x640 labels give 200 tiles per image.
