@@ -209,8 +209,8 @@ if triton is not None:
         for start in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start, offs_n, offs_d, d_ok, Nk, skn, svn,
                                       qk_scale, seed, rows, threshold, BLOCK_M, BLOCK_N, False, DROPOUT)
-        if n_full < Nk:
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n_full, offs_n, offs_d, d_ok, Nk, skn, svn,
+        for tail in range(n_full, Nk, BLOCK_N):  # 0 or 1 trips (a loop: as an `if`, ptxas spills the fp32 FMA path)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, tail, offs_n, offs_d, d_ok, Nk, skn, svn,
                                       qk_scale, seed, rows, threshold, BLOCK_M, BLOCK_N, True, DROPOUT)
         inv_keep = 1.0
         if DROPOUT:
@@ -329,8 +329,8 @@ if triton is not None:
             dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, dsim_base, start, offs_m, m_ok, offs_n, offs_d,
                           d_ok, Nk, skn, svn, qk_scale, inv_h, dropout_p, seed, rows, threshold, BLOCK_M, BLOCK_N,
                           False, DROPOUT, HAS_DSIM)
-        if n_full < Nk:
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, dsim_base, n_full, offs_m, m_ok, offs_n, offs_d,
+        for tail in range(n_full, Nk, BLOCK_N):  # 0 or 1 trips, as in the forward
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, dsim_base, tail, offs_m, m_ok, offs_n, offs_d,
                           d_ok, Nk, skn, svn, qk_scale, inv_h, dropout_p, seed, rows, threshold, BLOCK_M, BLOCK_N,
                           True, DROPOUT, HAS_DSIM)
         tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
@@ -516,9 +516,10 @@ COMPILE_SPECS = _specs()
 
 
 # Loop trip counts per program, in SASS order, for the static cost model (benchmarks/estimate.py): the forward and
-# the dQ pass loop over the full key tiles (the ragged tail is straight-line code), the dK/dV pass over query tiles.
+# the dQ pass loop over the full key tiles, then over the ragged tail tile (a second loop of 0 or 1 trips), the
+# dK/dV pass over query tiles.
 LOOP_TRIPS = {
-    "_attn_fwd": lambda a: [a["Nk"] // a["BLOCK_N"]],
+    "_attn_fwd": lambda a: [a["Nk"] // a["BLOCK_N"], int(a["Nk"] % a["BLOCK_N"] != 0)],
     "_attn_bwd_dkdv": lambda a: [-(-a["Nq"] // a["BLOCK_M"])],
-    "_attn_bwd_dq": lambda a: [a["Nk"] // a["BLOCK_N"]],
+    "_attn_bwd_dq": lambda a: [a["Nk"] // a["BLOCK_N"], int(a["Nk"] % a["BLOCK_N"] != 0)],
 }
