@@ -27,12 +27,10 @@ A row fails on a compile or ptxas error, on shared memory above the architecture
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import os
 import pkgutil
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,20 +116,14 @@ def check(row: Row, needs_tensor_cores: bool) -> list[str]:
 
 
 def find_ptxas() -> str:
-    """Triton's bundled ptxas first (it accepts the PTX version Triton emits), then the CUDA toolkit's."""
-    candidates = [os.environ.get("TRITON_PTXAS_PATH", "")]
-    try:
-        import triton
+    """``TRITON_PTXAS_PATH`` if set, else the ptxas that ``sass`` finds (Triton's bundled one first: it accepts the
+    PTX version Triton emits; then the CUDA toolkit's, then PATH)."""
+    from segvit.kernels import sass
 
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
-    except ImportError:
-        pass
-    candidates += sorted(glob.glob("/usr/local/cuda*/bin/ptxas"), reverse=True)
-    candidates.append(shutil.which("ptxas") or "")
-    for path in candidates:
-        if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    raise FileNotFoundError("no ptxas found (triton/backends/nvidia/bin, /usr/local/cuda*/bin, PATH)")
+    override = os.environ.get("TRITON_PTXAS_PATH", "")
+    if override and os.path.isfile(override) and os.access(override, os.X_OK):
+        return override
+    return sass._tool("ptxas")
 
 
 def config_name(config: dict) -> str:
