@@ -141,9 +141,10 @@ def aten_time(op: dict, gpu: Gpu) -> float:
 
 # ------------------------------------------------------------------------------------------- Triton kernel costs
 
-def loop_trips(launch) -> list[int] | None:
+def loop_trips(launch) -> list[float] | None:
     """Trip counts of the kernel's loops (SASS address order; a nested loop counts its total iterations per
-    program), from the ``LOOP_TRIPS`` entry of the kernel's module; None when it has none."""
+    program, possibly a fractional average), from the ``LOOP_TRIPS`` entry of the kernel's module (called with the
+    launch's scalars, constexprs, tags, ``<arg>_shape`` and ``programs``); None when it has none."""
     import importlib
 
     module = importlib.import_module(launch.kernel.src.fn.__module__)
@@ -151,8 +152,8 @@ def loop_trips(launch) -> list[int] | None:
     if rule is None:
         return None
     args = dict(launch.scalars, **launch.constexprs, **{k: v for k, v in launch.tags.items()})
-    args.update({f"{k}_shape": v[0] for k, v in launch.shapes.items()})
-    return [max(0, int(t)) for t in rule(args)]
+    args.update({f"{k}_shape": v[0] for k, v in launch.shapes.items()}, programs=launch.programs)
+    return [max(0, t) for t in rule(args)]
 
 
 def kernel_time(launch, gpu: Gpu) -> dict:

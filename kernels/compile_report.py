@@ -363,25 +363,36 @@ def _spec_rows(args, ptxas: str, workdir: str) -> list[Row]:
     return rows
 
 
-def _launch_rows(args, ptxas: str, workdir: str) -> list[Row]:
+def _arch_launch_rows(arch: int, ops, ptxas: str, workdir: str) -> list[Row]:
+    """The launch-mode rows of one architecture, printed as they are made (also the body of a ``--jobs`` worker)."""
     from segvit.kernels import launch_cases
 
-    cases = [c for c in launch_cases.published_cases() if not args.op or c.op in args.op]
-    needs = tensor_core_kernels()
-    rows = []
-    print("\n".join(LAUNCH_HEADER), flush=True)
-    for arch in ARCHS:
-        started = time.time()
+    cases = [c for c in launch_cases.published_cases() if not ops or c.op in ops]
+    started = time.time()
 
-        def progress(case, arch=arch, counter=iter(range(1, len(cases) + 1))):
-            print(f"  sm_{arch} [{next(counter)}/{len(cases)}] {case.name} ({time.time() - started:.0f} s)",
-                  file=sys.stderr, flush=True)
+    def progress(case, counter=iter(range(1, len(cases) + 1))):
+        print(f"  sm_{arch} [{next(counter)}/{len(cases)}] {case.name} ({time.time() - started:.0f} s)",
+              file=sys.stderr, flush=True)
 
-        launches = record_launches(arch, cases, on_case=progress)
-        for row in launch_rows(launches, ptxas, workdir, needs):
-            rows.append(row)
-            print(launch_markdown_row(row), flush=True)
+    launches = record_launches(arch, cases, on_case=progress)
+    rows = launch_rows(launches, ptxas, workdir, tensor_core_kernels())
+    for row in rows:
+        print(launch_markdown_row(row), flush=True)
     return rows
+
+
+def _launch_rows(args, ptxas: str, workdir: str) -> list[Row]:
+    print("\n".join(LAUNCH_HEADER), flush=True)
+    if args.jobs <= 1:
+        return [row for arch in ARCHS for row in _arch_launch_rows(arch, args.op, ptxas, workdir)]
+    # One process per architecture: the Triton front end and ptxas are single-threaded, so two cores halve the run.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(ARCHS)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_arch_launch_rows, arch, args.op, ptxas, workdir) for arch in ARCHS]
+        return [row for future in futures for row in future.result()]
 
 
 def main(argv=None) -> int:
@@ -391,6 +402,8 @@ def main(argv=None) -> int:
                         help="compile every COMPILE_SPECS config without launch specialization (the older report)")
     parser.add_argument("--kernel", action="append", help="--all-configs: only specs with this name (repeatable)")
     parser.add_argument("--op", action="append", help="only the launch cases of this op (repeatable)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="launch mode: architectures compiled in parallel processes (default: 2 where 2 cores)")
     parser.add_argument("--allow-spills", action="store_true",
                         help="list spilling rows as FAIL but exit 0 for them (compile errors, shared memory and "
                              "missing tensor cores still fail)")

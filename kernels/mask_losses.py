@@ -430,25 +430,36 @@ def _forward(mask_logits, labels, ignore_index: int, alpha: float, gamma: float)
 
 
 @functools.lru_cache(maxsize=256)
+def _visited_tiles(in_size: int, out_size: int, own: int, tile: int) -> tuple[int, ...]:
+    """High-resolution tiles of ``tile`` rows the backward visits per block of ``own`` low-resolution cells along one
+    axis (host arithmetic of the kernel's range rule, including its one-row guard on each side)."""
+    if in_size == out_size:
+        return tuple(-(-(min(start + own, in_size) - start) // tile) for start in range(0, in_size, own))
+    scale = np.float32(bilinear_scale(in_size, out_size))
+    dst = np.arange(out_size, dtype=np.float32)
+    i0 = np.minimum(np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), 0).astype(np.int64), in_size - 1)
+    tiles = []
+    for start in range(0, in_size, own):
+        end = min(start + own, in_size) - 1
+        rows = np.nonzero((i0 >= start - 1) & (i0 <= end))[0]
+        if rows.size:
+            lo, hi = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 1, out_size - 1)
+            tiles.append(-(-(hi - lo + 1) // tile))
+        else:
+            tiles.append(0)
+    return tuple(tiles)
+
+
+@functools.lru_cache(maxsize=256)
 def _owned_block(in_size: int, out_size: int, block: int, tile: int) -> int:
     """Owned low-resolution cells per backward work item (<= block) that minimizes the high-resolution tiles the
     items visit: at 16x upsampling a 16-cell block reaches 16 * 16 + 16 (+2 guard) rows, 9 tiles of 32, where 14
     cells reach 242 rows, 8 tiles. Host arithmetic on the sizes only (the kernel computes the exact ranges)."""
     if in_size == out_size or in_size <= block:
         return min(block, in_size) if in_size == out_size else block
-    scale = np.float32(bilinear_scale(in_size, out_size))
-    dst = np.arange(out_size, dtype=np.float32)
-    i0 = np.minimum(np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), 0).astype(np.int64), in_size - 1)
     best, best_cost = block, None
     for own in range(block, max(block // 2, 1) - 1, -1):
-        tiles = 0
-        for start in range(0, in_size, own):
-            end = min(start + own, in_size) - 1
-            rows = np.nonzero((i0 >= start - 1) & (i0 <= end))[0]
-            if rows.size:
-                lo, hi = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 1, out_size - 1)
-                tiles += -(-(hi - lo + 1) // tile)
-        cost = tiles * tile + 8 * -(-in_size // own)  # + a small per-item overhead
+        cost = sum(_visited_tiles(in_size, out_size, own, tile)) * tile + 8 * -(-in_size // own)  # + per-item cost
         if best_cost is None or cost < best_cost:
             best, best_cost = own, cost
     return best
@@ -534,3 +545,21 @@ if triton is not None:
         return grad, None, None, None, None
 
     _triton_mask_losses.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _bwd_trips(a: dict) -> list[float]:
+    """Backward: work items per program (the busiest), then the row-tile and column-tile loops nested in them, with
+    the tiles an average item visits (``present`` pairs per image, from the launch case)."""
+    items = -(-a["batch"] * a["present"] * a["nbi"] * a["nbj"] // a["programs"])
+    rows = _visited_tiles(a["h"], a["Hl"], a["own_i"], a["BLOCK_Y"])
+    cols = _visited_tiles(a["w"], a["Wl"], a["own_j"], a["BLOCK_X"])
+    per_row, per_col = sum(rows) / len(rows), sum(cols) / len(cols)
+    return [items, items * per_row, items * per_row * per_col]
+
+
+# Trip counts of each kernel's loops, in SASS order, for the static cost model (benchmarks/estimate.py).
+LOOP_TRIPS = {
+    "_mask_losses_fwd_kernel": lambda a: [a["present"]],
+    "_mask_losses_sum_kernel": lambda a: [-(-a["num_tiles"] // a["BLOCK_T"])],
+    "_mask_losses_bwd_kernel": _bwd_trips,
+}

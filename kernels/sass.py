@@ -94,6 +94,30 @@ def loops(code: list[Instruction]) -> list[Loop]:
     return sorted(set(found), key=lambda lp: (lp.start, -lp.end))
 
 
+def divergent_fallbacks(code: list[Instruction]) -> list[tuple[int, int]]:
+    """Address ranges of the code that only runs when a warp is divergent: ptxas guards warp-synchronous sequences
+    (shuffle reductions) with ``BRA.DIV`` to a fallback copy that ends with a branch back. Not executed by
+    converged warps (every Triton program is), so neither a loop nor work."""
+    ranges = []
+    for ins in code:
+        if ins.opcode.startswith("BRA.DIV"):
+            m = re.search(r"(0x[0-9a-f]+)\s*$", ins.text)  # BRA.DIV ~URZ, 0x55f0
+            if not m:
+                continue
+            target = int(m.group(1), 16)
+            end = next((i.address for i in code if i.address >= target and i.opcode == "BRA"
+                        and not i.text.startswith("@")), None)
+            if end is not None:
+                ranges.append((target, end))
+    return ranges
+
+
+def hot(code: list[Instruction]) -> list[Instruction]:
+    """The code without its divergent fallbacks."""
+    cold = divergent_fallbacks(code)
+    return [i for i in code if not any(lo <= i.address <= hi for lo, hi in cold)]
+
+
 def resources(cubin: bytes) -> dict:
     """Registers per thread, stack and local (spill) bytes of the kernel, as the cubin records them."""
     text = _cuobjdump(cubin, "-res-usage")
@@ -202,7 +226,8 @@ def nesting(found: list[Loop]) -> list[int | None]:
 def analyse(cubin: bytes) -> dict:
     """Everything the report and the model need from one cubin, cached by its bytes."""
     code = instructions(cubin)
-    found = loops(code)
-    straight, bodies = exclusive_bodies(code, found)
+    executed = hot(code)
+    found = loops(executed)
+    straight, bodies = exclusive_bodies(executed, found)
     return {"code": code, "loops": found, "parents": nesting(found), "straight": mix(straight),
             "bodies": [mix(b) for b in bodies], "features": features(code), "resources": resources(cubin)}

@@ -68,6 +68,19 @@ def test_sass_nested_loops_belong_to_the_innermost():
     assert [i.address for i in bodies[0]] == [16, 64, 80] and [i.address for i in bodies[1]] == [32, 48]
 
 
+def test_divergent_fallback_is_neither_a_loop_nor_work():
+    # ptxas' shape around a shuffle reduction: BRA.DIV to a fallback copy that branches back to the join point.
+    code = [sass.Instruction(a, t) for a, t in [
+        (0x00, "MOV"), (0x10, "FADD"), (0x20, "BRA.DIV ~URZ, 0x80"), (0x30, "SHFL.BFLY"), (0x40, "FMNMX"),
+        (0x50, "ISETP.GE.AND P0, PT, R0, 0x10, PT"), (0x60, "@!P0 BRA 0x10"), (0x70, "EXIT"),
+        (0x80, "WARPSYNC"), (0x90, "SHFL.BFLY"), (0xa0, "BRA 0x40"), (0xb0, "BRA 0xb0")]]
+    assert sass.divergent_fallbacks(code) == [(0x80, 0xa0)]
+    executed = sass.hot(code)
+    assert [i.address for i in executed] == [0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0xb0]
+    assert sass.loops(code) == [sass.Loop(0x10, 0x60), sass.Loop(0x40, 0xa0)]  # the raw code sees a false loop
+    assert sass.loops(executed) == [sass.Loop(0x10, 0x60)]
+
+
 def test_resources_parse_and_reject(monkeypatch):
     monkeypatch.setattr(sass, "_cuobjdump", lambda cubin, flag: " Function k:\n  REG:168 STACK:0 SHARED:0 LOCAL:0 ")
     assert sass.resources(b"") == {"regs": 168, "stack": 0, "static_shared": 0, "local": 0}
