@@ -43,8 +43,9 @@ def on_inputs_device(fn):
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if POISON:  # NaN, or the most negative integer for integer buffers
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -15,10 +15,11 @@ and q^gamma is q q for gamma = 2 (a ``tl.constexpr``; other gammas use exp2(-gam
 needs no second logarithm). The ln 2 of the focal sum is applied once per pair. The interpreter uses the exact
 ``tl.math.log2`` and ``/`` instead (no libdevice there).
 
-No host synchronisation. The launcher counts the labels of each (image, class) with a ``scatter_add_`` on the device
-(T, and presence = T > 0) and compacts the present pairs with two cumulative sums into a permutation ``order`` of
-the B K (image, class) indices b K + c, present pairs first in (b, c) order, plus per-image start offsets; the
-kernels read the number of pairs from that device buffer, so the grids are fixed by the shapes alone.
+No host synchronisation, and no torch op beyond allocations and one zero fill per pass. A histogram kernel counts
+the labels of each (image, class) (T, and presence = T > 0; integer atomics, so exact in any order), and a
+single-program kernel compacts the present pairs with block prefix sums into a permutation ``order`` of the B K
+(image, class) indices b K + c, present pairs first in (b, c) order, plus per-image start offsets; the kernels read
+the number of pairs from that device buffer, so the grids are fixed by the shapes alone.
 
 Forward: grid (pixel tiles, B). A program loads its tile of labels once (narrowed to int32, -1 for anything that is
 not a class), computes the interpolation taps and weights once (taps shifted at the last row / column so the second
@@ -27,7 +28,7 @@ present classes of its image: four gathers of the class's logits (they stay in L
 three-value reduction (focal, I, S) per class, written to a (B K, tiles, 3) buffer by pair index. Pixels past the
 end of the image get a -1e30 bias on their logit, which makes every one of their terms exactly zero. A second small
 kernel sums each pair's tiles in a fixed order and writes the (B, K, 4) stats [focal sum, I, S, T] of every (b, c)
-(zeros for absent pairs); the losses are a few (B, K)-sized torch ops on them. The (pairs, Hl, Wl) upsampled logits
+(zeros for absent pairs); a single-program kernel reduces them to the two losses and num_masks. The (pairs, Hl, Wl) upsampled logits
 and one-hot targets never exist.
 
 Backward, per pixel (sigma = -1 if t else +1)::
@@ -36,7 +37,7 @@ Backward, per pixel (sigma = -1 if t else +1)::
     d dice / dp        = (-2 t / D + (2 I + 1) / D^2) s (1 - s),   D = S + T + 1,   s (1 - s) = q (1 - q)
 
 scaled by the incoming gradients / num_masks (and 1 / (Hl Wl) for the focal mean) into four per-pair coefficients
-(a (B, K, 4) table made by torch on the device), then moved to the low-resolution grid through the transposed
+(computed in the kernel from the saved stats and the device scalars), then moved to the low-resolution grid through the transposed
 bilinear weights: grad[b, c] = Wy^T G Wx with G the (Hl, Wl) pixel gradient and Wy (Hl, h), Wx (Wl, w) the
 interpolation matrices (two non-zeros per row). Deterministic by ownership, no atomics: a work item is one
 own_i x own_j block of low-resolution cells of one present pair (own <= BLOCK_I, BLOCK_J, chosen by the host from
@@ -81,6 +82,11 @@ DOT_PRECISION = "ieee"
 INTERPRET_FWD = {"BLOCK_P": 128}
 INTERPRET_BWD = {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_Y": 16, "BLOCK_X": 32}
 INTERPRET_SUM = {"BLOCK_R": 16, "BLOCK_T": 16}
+# Label histogram: pixels per program; the single-program kernels (compaction, final losses): elements per step.
+COUNT_BLOCK = 4096
+ONE_PROGRAM_BLOCK = 1024
+INTERPRET_COUNT_BLOCK = 64
+INTERPRET_ONE_PROGRAM_BLOCK = 16
 # Persistent backward grid: programs per SM (the grid is capped by the number of work items the shapes allow).
 BWD_PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 108  # A100, for launches without a CUDA device (compile-only runs, the interpreter)
@@ -163,6 +169,73 @@ if triton is not None:
     def _add3(a0, a1, a2, b0, b1, b2):
         return a0 + b0, a1 + b1, a2 + b2
 
+    @triton.jit
+    def _mask_losses_count_kernel(labels_ptr, counts_ptr, HW, K, ignore_index, BLOCK: tl.constexpr,
+                                  BINS: tl.constexpr):
+        """counts[b, c] += pixels of class c in this tile of labels[b] (c = K: ignore_index and anything outside
+        [0, K)). Integer atomics: the sums do not depend on the order."""
+        b = tl.program_id(1)
+        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = pix < HW
+        v = tl.load(labels_ptr + b.to(tl.int64) * HW + pix, mask=ok, other=0)
+        v = tl.where((v == ignore_index) | (v < 0) | (v >= K), K, v).to(tl.int32)
+        hist = tl.histogram(v, BINS, mask=ok)
+        bins = tl.arange(0, BINS)
+        tl.atomic_add(counts_ptr + b * (K + 1) + bins, hist, mask=(bins <= K) & (hist > 0))
+
+    @triton.jit
+    def _mask_losses_compact_kernel(present_ptr, order_ptr, starts_ptr, B, K, stride_b, stride_c,
+                                    BLOCK: tl.constexpr):
+        """One program: (b, c) is present iff present[b, c] > 0 (class counts, or T of the stats). Writes ``order``,
+        the B K flat indices b K + c with the present ones first, both groups in (b, c) order, and ``starts``
+        (B + 1): starts[b] = present pairs of the images before b (starts[B] = all of them)."""
+        n = B * K
+        total = 0
+        for start in range(0, n, BLOCK):
+            flat = start + tl.arange(0, BLOCK)
+            ok = flat < n
+            bb = flat // K
+            hit = tl.load(present_ptr + bb * stride_b + (flat - bb * K) * stride_c, mask=ok, other=0) > 0
+            total += tl.sum(hit.to(tl.int32), axis=0)
+        tl.store(starts_ptr, 0)
+        seen_hit = 0
+        seen_miss = 0
+        for start in range(0, n, BLOCK):
+            flat = start + tl.arange(0, BLOCK)
+            ok = flat < n
+            bb = flat // K
+            cc = flat - bb * K
+            hit = tl.load(present_ptr + bb * stride_b + cc * stride_c, mask=ok, other=0) > 0
+            hits = tl.cumsum(hit.to(tl.int32), axis=0) + seen_hit
+            misses = tl.cumsum((ok & ~hit).to(tl.int32), axis=0) + seen_miss
+            tl.store(order_ptr + tl.where(hit, hits - 1, total + misses - 1), flat, mask=ok)
+            tl.store(starts_ptr + bb + 1, hits, mask=ok & (cc == K - 1))
+            seen_hit += tl.sum(hit.to(tl.int32), axis=0)
+            seen_miss += tl.sum((ok & ~hit).to(tl.int32), axis=0)
+
+    @triton.jit
+    def _mask_losses_finish_kernel(stats_ptr, focal_ptr, dice_ptr, num_ptr, n, inv_pixels, BLOCK: tl.constexpr):
+        """One program: loss_focal = sum focal / (Hl Wl) / num_masks, loss_dice = sum over present pairs of
+        1 - (2 I + 1) / (S + T + 1), over num_masks = max(#present, 1), from the (B K, 4) stats."""
+        focal = tl.zeros((BLOCK,), tl.float32)
+        dice = tl.zeros((BLOCK,), tl.float32)
+        count = tl.zeros((BLOCK,), tl.int32)
+        for start in range(0, n, BLOCK):
+            row = start + tl.arange(0, BLOCK)
+            ok = row < n
+            f = tl.load(stats_ptr + row * 4 + 0, mask=ok, other=0.0)
+            inter = tl.load(stats_ptr + row * 4 + 1, mask=ok, other=0.0)
+            sig = tl.load(stats_ptr + row * 4 + 2, mask=ok, other=0.0)
+            tgt = tl.load(stats_ptr + row * 4 + 3, mask=ok, other=0.0)
+            present = tgt > 0
+            focal += f
+            dice += tl.where(present, 1.0 - (2.0 * inter + 1.0) / (sig + tgt + 1.0), 0.0)
+            count += present.to(tl.int32)
+        num = tl.maximum(tl.sum(count, axis=0), 1)
+        tl.store(num_ptr, num.to(tl.int64))
+        tl.store(focal_ptr, tl.sum(focal, axis=0) * inv_pixels / num.to(tl.float32))
+        tl.store(dice_ptr, tl.sum(dice, axis=0) / num.to(tl.float32))
+
     # ``tune_key`` (unused by the code) is the autotune key: bucketed sizes, not specialized on.
     @triton.jit(do_not_specialize=["tune_key"])
     def _mask_losses_fwd_kernel(logits_ptr, labels_ptr, order_ptr, starts_ptr, partial_ptr,
@@ -236,7 +309,8 @@ if triton is not None:
         tl.store(out + 3, cnt, mask=in_range)
 
     @triton.jit(do_not_specialize=["tune_key"])
-    def _mask_losses_bwd_kernel(logits_ptr, labels_ptr, order_ptr, starts_ptr, coef_ptr, grad_ptr,
+    def _mask_losses_bwd_kernel(logits_ptr, labels_ptr, order_ptr, starts_ptr, stats_ptr, grad_focal_ptr,
+                                grad_dice_ptr, num_masks_ptr, grad_ptr, a_pos, a_neg, n_pixels,
                                 B, K, h, w, Hl, Wl, scale_h, scale_w, inv_h, inv_w, own_i, own_j, nbi, nbj, tune_key,
                                 GAMMA: tl.constexpr, WIDE: tl.constexpr, DOT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                                 BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -244,6 +318,10 @@ if triton is not None:
         nblk = nbi * nbj
         dy = tl.minimum(h - 1, 1) * w
         gamma_ln2 = GAMMA * 0.6931471805599453
+        # The incoming gradients, scaled: d/dp of focal_mean / num_masks and of dice / num_masks.
+        num = tl.load(num_masks_ptr).to(tl.float32)
+        g_focal = tl.load(grad_focal_ptr).to(tl.float32) / (num * n_pixels)
+        g_dice = tl.load(grad_dice_ptr).to(tl.float32) / num
         for item in range(tl.program_id(0), num_pairs * nblk, tl.num_programs(0)):
             pair = item // nblk
             blk = item - pair * nblk
@@ -253,10 +331,12 @@ if triton is not None:
             b = flat // K
             c = flat - b * K
             # (signed, scaled) focal weight of a target / a negative, dice coefficient of a target / a negative
-            f_t = tl.load(coef_ptr + flat * 4 + 0)
-            f_n = tl.load(coef_ptr + flat * 4 + 1)
-            d_t = tl.load(coef_ptr + flat * 4 + 2)
-            d_n = tl.load(coef_ptr + flat * 4 + 3)
+            inter = tl.load(stats_ptr + flat * 4 + 1)
+            denom = tl.load(stats_ptr + flat * 4 + 2) + tl.load(stats_ptr + flat * 4 + 3) + 1.0
+            f_t = -a_pos * g_focal
+            f_n = a_neg * g_focal
+            d_n = g_dice * (2.0 * inter + 1.0) / (denom * denom)
+            d_t = d_n - 2.0 * g_dice / denom
             i_s = bi * own_i
             i_e = tl.minimum(i_s + own_i, h) - 1
             j_s = bj * own_j
@@ -327,9 +407,25 @@ if triton is not None:
          "signature": {"partial_ptr": "*fp32", "order_ptr": "*i32", "starts_ptr": "*i32", "counts_ptr": "*i32",
                        "stats_ptr": "*fp32", "B": "i32", "K": "i32", "num_tiles": "i32"},
          "constexprs": {}, "configs": SUM_CONFIGS, "dtypes": ["fp32"]},
+        {"name": "mask_losses.count", "fn": _mask_losses_count_kernel,
+         "signature": {"labels_ptr": "*i64", "counts_ptr": "*i32", "HW": "i32", "K": "i32", "ignore_index": "i32"},
+         "constexprs": {"BINS": 256}, "configs": [{"BLOCK": COUNT_BLOCK, "num_warps": 4, "num_stages": 1}],
+         "dtypes": ["fp32"]},
+        {"name": "mask_losses.compact", "fn": _mask_losses_compact_kernel,
+         "signature": {"present_ptr": "*i32", "order_ptr": "*i32", "starts_ptr": "*i32", "B": "i32", "K": "i32",
+                       "stride_b": "i32", "stride_c": "i32"},
+         "constexprs": {}, "configs": [{"BLOCK": ONE_PROGRAM_BLOCK, "num_warps": 4, "num_stages": 1}],
+         "dtypes": ["fp32"]},
+        {"name": "mask_losses.finish", "fn": _mask_losses_finish_kernel,
+         "signature": {"stats_ptr": "*fp32", "focal_ptr": "*fp32", "dice_ptr": "*fp32", "num_ptr": "*i64", "n": "i32",
+                       "inv_pixels": "fp32"},
+         "constexprs": {}, "configs": [{"BLOCK": ONE_PROGRAM_BLOCK, "num_warps": 4, "num_stages": 1}],
+         "dtypes": ["fp32"]},
         {"name": "mask_losses.bwd", "fn": _mask_losses_bwd_kernel,
          "signature": {"logits_ptr": "*{dtype}", "labels_ptr": "*i64", "order_ptr": "*i32", "starts_ptr": "*i32",
-                       "coef_ptr": "*fp32", "grad_ptr": "*{dtype}", "B": "i32", **_SIZES, "inv_h": "fp32",
+                       "stats_ptr": "*fp32", "grad_focal_ptr": "*fp32", "grad_dice_ptr": "*fp32",
+                       "num_masks_ptr": "*i64", "grad_ptr": "*{dtype}", "a_pos": "fp32", "a_neg": "fp32",
+                       "n_pixels": "fp32", "B": "i32", **_SIZES, "inv_h": "fp32",
                        "inv_w": "fp32", "own_i": "i32", "own_j": "i32", "nbi": "i32", "nbj": "i32",
                        "tune_key": "i32"},
          "constexprs": {"GAMMA": 2.0, "WIDE": 1, "DOT": DOT_PRECISION}, "configs": BWD_CONFIGS, "dtypes": ["fp32", "fp16", "bf16"]},
@@ -368,68 +464,61 @@ def _alphas(alpha: float) -> tuple[float, float]:
 
 def _class_counts(labels: torch.Tensor, K: int, ignore_index: int) -> torch.Tensor:
     """(B, K + 1) int32 pixel count of every class in every image, on the device (ignore_index and anything outside
-    [0, K) counted in the extra last column)."""
+    [0, K) counted in the extra last column): one pass over the labels."""
     B = labels.shape[0]
-    flat = labels.reshape(B, -1).long()
-    flat = torch.where((flat == ignore_index) | (flat < 0) | (flat >= K), K, flat)
+    HW = labels[0].numel()
     counts = torch.zeros(B, K + 1, dtype=torch.int32, device=labels.device)
-    return counts.scatter_add_(1, flat, torch.ones((), dtype=torch.int32, device=labels.device).expand_as(flat))
+    block = INTERPRET_COUNT_BLOCK if INTERPRET else COUNT_BLOCK
+    _mask_losses_count_kernel[(triton.cdiv(HW, block), B)](labels, counts, HW, K, int(ignore_index), BLOCK=block,
+                                                            BINS=_common.next_pow2(K + 1), num_warps=4)
+    return counts
 
 
 def _compact(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``order``: int32 permutation of the B K flat indices b K + c with the present ones first in (b, c) order;
-    ``starts``: (B + 1) int32 offsets of each image's pairs in it (starts[B] = the number of pairs). Device ops only
-    (cumulative sums and one scatter), no host synchronisation."""
+    """``order``: int32 permutation of the B K flat indices b K + c with the present ones (``present[b, c] > 0``,
+    any strides) first in (b, c) order; ``starts``: (B + 1) int32 offsets of each image's pairs in it (starts[B] =
+    the number of pairs). One single-program kernel, no host synchronisation."""
     B, K = present.shape
-    flat = present.reshape(-1)
-    inc = flat.to(torch.int32).cumsum(0, dtype=torch.int32)
-    num = inc[-1:]
-    pos = torch.where(flat, inc - 1, num + (~flat).to(torch.int32).cumsum(0, dtype=torch.int32) - 1)
-    order = torch.empty(B * K, dtype=torch.int32, device=present.device)
-    order.scatter_(0, pos.long(), torch.arange(B * K, dtype=torch.int32, device=present.device))
-    starts = torch.zeros(B + 1, dtype=torch.int32, device=present.device)
-    starts[1:] = present.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    order = _common.empty(B * K, dtype=torch.int32, device=present.device)
+    starts = _common.empty(B + 1, dtype=torch.int32, device=present.device)
+    block = INTERPRET_ONE_PROGRAM_BLOCK if INTERPRET else ONE_PROGRAM_BLOCK
+    _mask_losses_compact_kernel[(1,)](present, order, starts, B, K, present.stride(0), present.stride(1),
+                                      BLOCK=block, num_warps=4)
     return order, starts
-
-
-def _losses(stats: torch.Tensor, n_pixels: int):
-    """(loss_focal, loss_dice, num_masks) from the (B, K, 4) stats [focal sum, I, S, T] (zeros where absent)."""
-    focal, inter, sig, tgt = stats.unbind(-1)
-    present = tgt > 0
-    num_masks = present.sum().clamp_min(1)
-    n = num_masks.to(torch.float32)
-    dice = torch.where(present, 1 - (2 * inter + 1) / (sig + tgt + 1), 0.0)
-    return focal.sum() / n_pixels / n, dice.sum() / n, num_masks
 
 
 def _forward(mask_logits, labels, ignore_index: int, alpha: float, gamma: float):
     B, K, h, w = mask_logits.shape
     Hl, Wl = labels.shape[-2:]
     device = mask_logits.device
+    f32 = dict(dtype=torch.float32, device=device)
+    if B * K * Hl * Wl == 0:  # no pixel or no class: every loss is 0 over num_masks = 1
+        return (torch.zeros((), **f32), torch.zeros((), **f32), torch.ones((), dtype=torch.int64, device=device),
+                torch.zeros(B, K, 4, **f32))
     logits = mask_logits.contiguous()
     labels = _labels(labels)
     counts = _class_counts(labels, K, ignore_index)
-    order, starts = _compact(counts[:, :K] > 0)
-    stats = _common.empty(B, K, 4, dtype=torch.float32, device=device)
+    order, starts = _compact(counts[:, :K])
+    stats = _common.empty(B, K, 4, **f32)
     cfg = INTERPRET_FWD if INTERPRET else FWD_CONFIGS[0]
     num_tiles = triton.cdiv(Hl * Wl, cfg["BLOCK_P"])
     # Rows past the number of pairs are never written nor read.
-    partial = torch.empty(B * K, num_tiles, 3, dtype=torch.float32, device=device)
+    partial = torch.empty(B * K, num_tiles, 3, **f32)
     a_pos, a_neg = _alphas(alpha)
     args = (logits, labels, order, starts, partial, K, h, w, Hl, Wl, bilinear_scale(h, Hl), bilinear_scale(w, Wl),
             a_pos, a_neg, num_tiles, _tune_key(Hl * Wl, h * w))
-    if B * K * Hl * Wl > 0:
-        _fwd[(num_tiles, B)](*args, GAMMA=float(gamma), WIDE=int(w > 1), **(cfg if INTERPRET else {}))
-        sum_cfg = INTERPRET_SUM if INTERPRET else SUM_CONFIGS[0]
-        _mask_losses_sum_kernel[(triton.cdiv(B * K, sum_cfg["BLOCK_R"]),)](
-            partial, order, starts, counts, stats, B, K, num_tiles, **sum_cfg)
-    else:
-        stats.zero_()
-    loss_focal, loss_dice, num_masks = _losses(stats, Hl * Wl)
+    _fwd[(num_tiles, B)](*args, GAMMA=float(gamma), WIDE=int(w > 1), **(cfg if INTERPRET else {}))
+    sum_cfg = INTERPRET_SUM if INTERPRET else SUM_CONFIGS[0]
+    _mask_losses_sum_kernel[(triton.cdiv(B * K, sum_cfg["BLOCK_R"]),)](
+        partial, order, starts, counts, stats, B, K, num_tiles, **sum_cfg)
+    loss_focal, loss_dice = _common.empty(**f32), _common.empty(**f32)
+    num_masks = _common.empty(dtype=torch.int64, device=device)
+    _mask_losses_finish_kernel[(1,)](stats, loss_focal, loss_dice, num_masks, B * K, 1.0 / (Hl * Wl),
+                                     BLOCK=INTERPRET_ONE_PROGRAM_BLOCK if INTERPRET else ONE_PROGRAM_BLOCK,
+                                     num_warps=4)
     return loss_focal, loss_dice, num_masks, stats
 
 
-@functools.lru_cache(maxsize=256)
 def _visited_tiles(in_size: int, out_size: int, own: int, tile: int) -> tuple[int, ...]:
     """High-resolution tiles of ``tile`` rows the backward visits per block of ``own`` low-resolution cells along one
     axis (host arithmetic of the kernel's range rule, including its one-row guard on each side)."""
@@ -472,29 +561,21 @@ def _backward(grad_focal, grad_dice, mask_logits, labels, stats, num_masks, alph
     grad = torch.zeros(B, K, h, w, dtype=mask_logits.dtype, device=device)
     if B * K * Hl * Wl == 0:
         return grad
-    inter, sig, tgt = stats[..., 1], stats[..., 2], stats[..., 3]
-    present = tgt > 0
-    order, starts = _compact(present)
-    n = num_masks.to(torch.float32)
-    gf = (grad_focal.to(torch.float32) / (n * Hl * Wl)).expand(B, K)
-    gd = grad_dice.to(torch.float32) / n
-    denom = sig + tgt + 1
-    d_n = gd * (2 * inter + 1) / denom ** 2
-    d_t = d_n - 2 * gd / denom
+    order, starts = _compact(stats[..., 3])  # present: T > 0
     a_pos, a_neg = _alphas(alpha)
-    coef = torch.stack([-a_pos * gf, a_neg * gf, d_t, d_n], dim=-1).contiguous()
     cfg = INTERPRET_BWD if INTERPRET else BWD_CONFIGS[0]
     # Every config shares the block and tile shapes, so the owned block sizes serve whichever the autotuner picks.
     own_i = _owned_block(h, Hl, cfg["BLOCK_I"], cfg["BLOCK_Y"])
     own_j = _owned_block(w, Wl, cfg["BLOCK_J"], cfg["BLOCK_X"])
     nbi, nbj = triton.cdiv(h, own_i), triton.cdiv(w, own_j)
     if _common.POISON:  # the kernel must write every cell of every present pair
-        grad = torch.where(present[:, :, None, None], float("nan"), grad).to(grad.dtype)
+        grad = torch.where((stats[..., 3] > 0)[:, :, None, None], float("nan"), grad).to(grad.dtype)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
     # Persistent grid, capped by the work items the shapes allow (the kernel reads the number of pairs itself);
     # the interpreter runs programs one after another, 3 of them still stride over several items.
     programs = max(1, min(B * K * nbi * nbj, 3 if INTERPRET else BWD_PROGRAMS_PER_SM * sms))
-    args = (mask_logits.contiguous(), _labels(labels), order, starts, coef, grad, B, K, h, w, Hl, Wl,
+    args = (mask_logits.contiguous(), _labels(labels), order, starts, stats, grad_focal, grad_dice, num_masks, grad,
+            a_pos, a_neg, float(Hl * Wl), B, K, h, w, Hl, Wl,
             bilinear_scale(h, Hl), bilinear_scale(w, Wl), float(np.float32(Hl) / np.float32(h)),
             float(np.float32(Wl) / np.float32(w)), own_i, own_j, nbi, nbj, _tune_key(Hl * Wl, h * w))
     _bwd[(programs,)](*args, GAMMA=float(gamma), WIDE=int(w > 1), DOT=DOT_PRECISION, **(cfg if INTERPRET else {}))
@@ -559,6 +640,9 @@ def _bwd_trips(a: dict) -> list[float]:
 
 # Trip counts of each kernel's loops, in SASS order, for the static cost model (benchmarks/estimate.py).
 LOOP_TRIPS = {
+    "_mask_losses_count_kernel": lambda a: [],
+    "_mask_losses_compact_kernel": lambda a: [-(-a["B"] * a["K"] // a["BLOCK"])] * 2,
+    "_mask_losses_finish_kernel": lambda a: [-(-a["n"] // a["BLOCK"])],
     "_mask_losses_fwd_kernel": lambda a: [a["present"]],
     "_mask_losses_sum_kernel": lambda a: [-(-a["num_tiles"] // a["BLOCK_T"])],
     "_mask_losses_bwd_kernel": _bwd_trips,

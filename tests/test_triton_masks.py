@@ -314,3 +314,41 @@ def test_mask_losses_owned_block_and_ranges():
     assert ml_kernels._owned_block(9, 9, 16, 64) == 9
     for in_size, out_size in [(40, 640), (32, 512), (30, 480), (9, 4), (1, 7), (21, 150)]:
         assert 1 <= ml_kernels._owned_block(in_size, out_size, 16, 32) <= 16
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
+def test_mask_losses_class_counts_match_bincount(label_dtype, device):
+    # several histogram tiles per image (the interpreter's block is 64 pixels), a ragged last tile, ignore_index,
+    # negative and too-large labels all counted in the last column
+    B, K, H, W = 3, 7, 13, 11
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(-2, K + 3, (B, H, W), generator=g)
+    labels[labels == K + 2] = 255
+    labels = labels.to(label_dtype).to(device)
+    counts = ml_kernels._class_counts(labels, K, 255)
+    flat = labels.long().reshape(B, -1).cpu()
+    flat = torch.where((flat < 0) | (flat >= K), K, flat)
+    expected = torch.stack([torch.bincount(row, minlength=K + 1) for row in flat]).to(torch.int32)
+    assert counts.dtype == torch.int32 and torch.equal(counts.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("B, K", [(1, 1), (3, 7), (5, 13)])  # B K from below one block (16 here) to several
+@pytest.mark.parametrize("source", ["counts", "stats"])
+def test_mask_losses_compaction_matches_reference(B, K, source, device, poison_triton_outputs):
+    g = torch.Generator().manual_seed(B * 100 + K)
+    hits = torch.rand(B, K, generator=g) < 0.4
+    if source == "counts":  # int32 class counts, the (B, K + 1) table's first K columns (row stride K + 1)
+        table = torch.where(hits, torch.randint(1, 50, (B, K), generator=g), 0).to(torch.int32)
+        present = torch.cat([table, torch.zeros(B, 1, dtype=torch.int32)], 1).to(device)[:, :K]
+    else:  # float T column of the (B, K, 4) stats (strides 4 K, 4)
+        stats = torch.rand(B, K, 4, generator=g)
+        stats[..., 3] = torch.where(hits, stats[..., 3] + 1.0, 0.0)
+        present = stats.to(device)[..., 3]
+    order, starts = ml_kernels._compact(present)
+    flat = hits.reshape(-1)
+    expected_order = torch.cat([torch.nonzero(flat).flatten(), torch.nonzero(~flat).flatten()]).to(torch.int32)
+    expected_starts = torch.cat([torch.zeros(1, dtype=torch.int64), hits.sum(1).cumsum(0)]).to(torch.int32)
+    assert torch.equal(order.cpu(), expected_order)
+    assert torch.equal(starts.cpu(), expected_starts)
