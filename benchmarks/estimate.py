@@ -383,8 +383,8 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(results: list[dict], path: str = README) -> None:
-    header = ("Static cost model (an estimate, not a measurement: `python -m benchmarks.estimate --markdown`; "
+def write_readme(results: list[dict], path: str = README, command: str = "--markdown") -> None:
+    header = (f"Static cost model (an estimate, not a measurement: `python -m benchmarks.estimate {command}`; "
               "model in benchmarks/estimate.py). Times in microseconds for one op call; `bound` is what limits "
               "each kernel (issue slots, tensor cores, memory).")
     block = f"{BEGIN}\n{header}\n\n{markdown(results)}\n{END}"
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
             json.dump({"model": "static SASS cost model (estimate)", "gpus": {k: asdict(v) for k, v in GPUS.items()},
                        "estimates": results}, f, indent=1, default=str)
     if args.markdown:
-        write_readme(results)
+        write_readme(results, command=" ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 

@@ -38,6 +38,7 @@ PYTEST_TIMEOUT_S = 240
 BENCH_TIMEOUT_S = 210
 # The models' benchmark run is started only with at least this much of the benchmark budget left.
 MIN_MODELS_S = 30
+CALIBRATE_TIMEOUT_S = 240  # the cost model's estimate next to measured times (benchmarks/calibrate.py)
 OP_GROUPS = "atm_attention,mask_classify,query_pool_attention,mask_losses"
 EXIT_OK, EXIT_TESTS, EXIT_NO_GPU, EXIT_BENCH = 0, 1, 2, 3
 
@@ -282,8 +283,9 @@ def bench_tables(bench_dirs: list) -> list:
 
 
 def write_summary(path: str, machine: dict, steps: list, tests: dict | None, bench_dirs: list,
-                  total_s: float, exit_code: int) -> str:
-    """Writes DIR/summary.md; returns its text."""
+                  total_s: float, exit_code: int, calibration: str | None = None) -> str:
+    """Writes DIR/summary.md; returns its text. ``calibration``: the directory of ``benchmarks.calibrate``'s
+    output, whose table is appended (None: not run)."""
     gpus = "; ".join(f"{g['name']} (sm_{g['capability'].replace('.', '')}, {g['total_memory_gib']} GiB)"
                      for g in machine.get("gpus", [])) or "no GPU recorded"
     verdict = {EXIT_OK: "PASS", EXIT_TESTS: "FAIL (tests)", EXIT_BENCH: "PASS (tests); benchmarks incomplete",
@@ -320,6 +322,14 @@ def write_summary(path: str, machine: dict, steps: list, tests: dict | None, ben
             lines += ["", "Last lines of pytest.log:", "", "```", *tail, "```"]
     lines += ["", "## Benchmarks (`python -m benchmarks --device cuda --quick`)", ""]
     lines += bench_tables(bench_dirs) or ["not run"]
+    if calibration is not None:
+        lines += ["", "## Cost model against measurement (`python -m benchmarks.calibrate`)", ""]
+        table = os.path.join(calibration, "calibration.md")
+        if os.path.exists(table):
+            with open(table) as f:
+                lines += f.read().splitlines()
+        else:
+            lines.append("no results (see calibrate.log)")
     text = "\n".join(lines).rstrip() + "\n"
     with open(path, "w") as f:
         f.write(text)
@@ -350,10 +360,13 @@ def parse_args(argv=None):
     parser.add_argument("--no-tests", action="store_true", help="skip the pytest run")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmarks")
     parser.add_argument("--no-models", action="store_true", help="benchmark the ops only (no model cases)")
+    parser.add_argument("--calibrate-timeout", type=float, default=CALIBRATE_TIMEOUT_S,
+                        help=f"seconds for the cost-model calibration (default {CALIBRATE_TIMEOUT_S})")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip the cost-model calibration")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string (e.g. '-x -k atm')")
     args = parser.parse_args(argv)
-    if args.pytest_timeout <= 0 or args.bench_timeout <= 0:
-        parser.error("--pytest-timeout and --bench-timeout must be positive")
+    if args.pytest_timeout <= 0 or args.bench_timeout <= 0 or args.calibrate_timeout <= 0:
+        parser.error("--pytest-timeout, --bench-timeout and --calibrate-timeout must be positive")
     return args
 
 
@@ -414,9 +427,20 @@ def main(argv=None) -> int:
             steps.append(step)
             bench_steps.append(step)
             bench_dirs.append((title, directory))
+    calibration = None
+    if not args.no_calibrate:
+        calibration = os.path.join(out, "calibration")
+        step = Step("cost-model calibration", [sys.executable, "-m", "benchmarks.calibrate", "--out", calibration],
+                    os.path.join(out, "calibrate.log"), args.calibrate_timeout)
+        print(f"benchmarks.gpu_check: cost-model calibration (at most {args.calibrate_timeout:.0f} s)...", flush=True)
+        run_step(step, env=env)
+        print(f"benchmarks.gpu_check: calibration {step.status} in {step.seconds:.0f} s", flush=True)
+        for name in ("calibration.json", "calibration.md"):
+            cap_file(os.path.join(calibration, name))
+        steps.append(step)
     code = exit_status(pytest_step, tests, bench_steps)
     write_summary(os.path.join(out, "summary.md"), machine, steps, tests, bench_dirs, time.monotonic() - started,
-                  code)
+                  code, calibration=calibration)
     print(f"benchmarks.gpu_check: wrote {out}/summary.md (exit status {code})", flush=True)
     return code
 

@@ -48,9 +48,36 @@ class LaunchCase:
         return f"{self.op} {self.model.replace('segvit_', '')} B{self.batch} {self.dtype} {mode}{drop}"
 
     def run(self) -> None:
+        """The op's launches at this case (CPU tensors: under ``compile_only`` nothing runs on a device)."""
+        inputs, forward, seed, extra = RUNNERS[self.op]
         with tag(case=self.name, op=self.op, model=self.model, batch=self.batch, dtype=self.dtype,
-                 dropout=self.dropout, **{k: v for k, v in self.shape.items() if isinstance(v, (int, float))}):
-            RUNNERS[self.op](self)
+                 dropout=self.dropout, **{k: v for k, v in self.shape.items() if isinstance(v, (int, float))},
+                 **extra):
+            with tag(pass_=None):  # building the inputs is not part of the op
+                tensors, leaves = inputs(self, "cpu")
+            with tag(pass_="fwd"):
+                outputs = forward(self, *tensors)
+            if self.backward:
+                with tag(pass_=None):
+                    grads = _incoming_grads(outputs, seed)
+                with tag(pass_="bwd"):
+                    torch.autograd.grad(outputs, leaves, grads)
+
+    def callable_on(self, device, backward: bool):
+        """A no-argument function that runs the op at this case on ``device`` (forward, and the backward when
+        ``backward``), its inputs and incoming gradients made once: what a timer calls."""
+        inputs, forward, seed, _ = RUNNERS[self.op]
+        tensors, leaves = inputs(self, device)
+        if not backward:
+            def call():
+                with torch.set_grad_enabled(False):
+                    return forward(self, *tensors)
+            return call
+        grads = _incoming_grads(forward(self, *tensors), seed)
+
+        def call_with_backward():
+            return torch.autograd.grad(forward(self, *tensors), leaves, grads)
+        return call_with_backward
 
 
 def model_shapes(name: str) -> dict:
@@ -93,9 +120,9 @@ def published_cases(models=None, batches=BATCHES, dtypes=DTYPES) -> list[LaunchC
     return cases
 
 
-def _randn(shape, dtype, seed, scale=1.0, grad=False):
+def _randn(shape, dtype, seed, scale=1.0, grad=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(shape, generator=g) * scale).to(TORCH_DTYPES[dtype])
+    t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=TORCH_DTYPES[dtype])
     return t.requires_grad_(grad)
 
 
@@ -113,60 +140,73 @@ def training_labels(batch: int, size: int, classes: int, present: int = PRESENT_
     return out
 
 
-def _backward(outputs, inputs, seed):
-    with tag(pass_=None):  # building the incoming gradients is not part of the op
-        grads = [_randn(o.shape, "fp32", seed + i).to(o.dtype) for i, o in enumerate(outputs)]
-    with tag(pass_="bwd"):
-        torch.autograd.grad(outputs, inputs, grads)
+def _incoming_grads(outputs, seed):
+    return [_randn(o.shape, "fp32", seed + i, device=o.device).to(o.dtype) for i, o in enumerate(outputs)]
 
 
-def _atm(case: LaunchCase):
+# Each op: inputs(case, device) -> (tensors, the leaves its backward differentiates), forward(case, *tensors) ->
+# the outputs the backward starts from, and the seed of the incoming gradients.
+
+def _atm_inputs(case: LaunchCase, device):
+    s, B = case.shape, case.batch
+    q, k, v = (_randn((B, n, s["heads"], s["head_dim"]), case.dtype, seed, grad=case.backward, device=device)
+               for n, seed in ((s["classes"], 1), (s["grid"] ** 2, 2), (s["grid"] ** 2, 3)))
+    return (q, k, v), (q, k, v)
+
+
+def _atm_forward(case: LaunchCase, q, k, v):
     from segvit.kernels import atm_attention
 
+    with torch.set_grad_enabled(case.backward):
+        return atm_attention.atm_attention(q, k, v, scale=case.shape["head_dim"] ** -0.5, dropout_p=case.dropout)
+
+
+def _mask_classify_inputs(case: LaunchCase, device):
     s, B = case.shape, case.batch
-    q = _randn((B, s["classes"], s["heads"], s["head_dim"]), case.dtype, 1, grad=case.backward)
-    k = _randn((B, s["grid"] ** 2, s["heads"], s["head_dim"]), case.dtype, 2, grad=case.backward)
-    v = _randn((B, s["grid"] ** 2, s["heads"], s["head_dim"]), case.dtype, 3, grad=case.backward)
-    with torch.set_grad_enabled(case.backward), tag(pass_="fwd"):
-        out, sim = atm_attention.atm_attention(q, k, v, scale=s["head_dim"] ** -0.5, dropout_p=case.dropout)
-    if case.backward:
-        _backward((out, sim), (q, k, v), 4)
+    cls = _randn((B, s["classes"], s["classes"] + 1), case.dtype, 5, scale=3.0, device=device)
+    masks = _randn((B, s["classes"], s["grid"], s["grid"]), case.dtype, 6, scale=3.0, device=device)
+    return (cls, masks), ()
 
 
-def _mask_classify(case: LaunchCase):
+def _mask_classify_forward(case: LaunchCase, cls, masks):
     from segvit.kernels import mask_classify
 
+    with torch.no_grad():
+        return (mask_classify.mask_classify(cls, masks, (case.shape["img"], case.shape["img"])),)
+
+
+def _mask_losses_inputs(case: LaunchCase, device):
     s, B = case.shape, case.batch
-    cls = _randn((B, s["classes"], s["classes"] + 1), case.dtype, 5, scale=3.0)
-    masks = _randn((B, s["classes"], s["grid"], s["grid"]), case.dtype, 6, scale=3.0)
-    with torch.no_grad(), tag(pass_="fwd"):
-        mask_classify.mask_classify(cls, masks, (s["img"], s["img"]))
+    logits = _randn((B, s["classes"], s["grid"], s["grid"]), case.dtype, 7, scale=3.0, grad=True, device=device)
+    labels = training_labels(B, s["img"], s["classes"], seed=8).to(device)
+    return (logits, labels), (logits,)
 
 
-def _mask_losses(case: LaunchCase):
+def _mask_losses_forward(case: LaunchCase, logits, labels):
     from segvit.kernels import mask_losses
 
-    s, B = case.shape, case.batch
-    logits = _randn((B, s["classes"], s["grid"], s["grid"]), case.dtype, 7, scale=3.0, grad=True)
-    labels = training_labels(B, s["img"], s["classes"], seed=8)
-    with tag(pass_="fwd", present=PRESENT_PER_IMAGE):
-        focal, dice, _ = mask_losses.mask_losses(logits, labels, ignore_index=255, alpha=0.25, gamma=2.0)
-    with tag(present=PRESENT_PER_IMAGE):
-        _backward((focal, dice), (logits,), 9)
+    focal, dice, _ = mask_losses.mask_losses(logits, labels, ignore_index=255, alpha=0.25, gamma=2.0)
+    return focal, dice
 
 
-def _query_pool(case: LaunchCase):
+def _query_pool_inputs(case: LaunchCase, device):
+    s, B, C = case.shape, case.batch, case.shape["channels"]
+    x = _randn((B, s["grid"] ** 2, C), case.dtype, 10, grad=True, device=device)
+    w = _randn((3 * C, C), case.dtype, 11, scale=C ** -0.5, grad=True, device=device)
+    bias = _randn((3 * C,), case.dtype, 12, scale=0.1, grad=True, device=device)
+    return (x, w, bias), (x, w, bias)
+
+
+def _query_pool_forward(case: LaunchCase, x, w, bias):
     from segvit.kernels import query_pool_attention
 
-    s, B, C = case.shape, case.batch, case.shape["channels"]
-    x = _randn((B, s["grid"] ** 2, C), case.dtype, 10, grad=True)
-    w = _randn((3 * C, C), case.dtype, 11, scale=C ** -0.5, grad=True)
-    bias = _randn((3 * C,), case.dtype, 12, scale=0.1, grad=True)
-    with tag(pass_="fwd"):
-        out = query_pool_attention.query_pool_attention(x, [s["grid"], s["grid"]], w, bias, s["backbone_heads"],
-                                                        stride=2)
-    _backward((out,), (x, w, bias), 13)
+    s = case.shape
+    return (query_pool_attention.query_pool_attention(x, [s["grid"], s["grid"]], w, bias, s["backbone_heads"],
+                                                      stride=2),)
 
 
-RUNNERS = {"atm_attention": _atm, "mask_classify": _mask_classify, "mask_losses": _mask_losses,
-           "query_pool_attention": _query_pool}
+# op -> (inputs, forward, seed of the incoming gradients, tags of the launches)
+RUNNERS = {"atm_attention": (_atm_inputs, _atm_forward, 4, {}),
+           "mask_classify": (_mask_classify_inputs, _mask_classify_forward, 0, {}),
+           "mask_losses": (_mask_losses_inputs, _mask_losses_forward, 9, {"present": PRESENT_PER_IMAGE}),
+           "query_pool_attention": (_query_pool_inputs, _query_pool_forward, 13, {})}

@@ -195,3 +195,49 @@ def test_kernel_without_trip_counts_is_reported_not_guessed(tmp_path):
                                           "")
     r = _run_clean(script, tmp_path)
     assert "no trip counts for 1 loop(s) of add_rows" in r["short"]["problem"]
+
+
+def test_calibration_pairs_estimates_with_measurements():
+    """benchmarks.calibrate: every (case, mode) the estimate makes gets its measurement beside it; a failed
+    measurement is reported in its row; model GPUs from device names."""
+    from benchmarks import calibrate
+    from segvit.kernels import launch_cases
+
+    cases = [c for c in launch_cases.published_cases(models=["segvit_vit-l16_ade20k_640"], batches=(8,),
+                                                     dtypes=("bf16",))]
+    modes = [(c, b) for c in cases for b in calibrate.case_modes(c)]
+    assert {c.op for c, _ in modes} == {"atm_attention", "mask_classify", "mask_losses"}
+    assert [b for c, b in modes if c.op == "mask_losses"] == [False, True]  # forward alone, then with backward
+    estimates = [dict(id=f"{c.name}/{b}", estimate_us=10.0 + i, floor_us=5.0) for i, (c, b) in enumerate(modes)]
+
+    def measure(case, backward):
+        if case.op == "mask_classify":
+            raise RuntimeError("no kernel image")
+        return 20.0
+
+    rows = calibrate.run(cases, "A100", measure=measure, estimates=estimates)
+    assert [r["id"] for r in rows] == [e["id"] for e in estimates]
+    first = rows[0]
+    assert first["measured_us"] == 20.0 and first["measured_over_estimate"] == 2.0 and first["measured_over_floor"] == 4.0
+    failed = [r for r in rows if r["problem"]]
+    assert len(failed) == 1 and "no kernel image" in failed[0]["problem"] and failed[0]["measured_over_estimate"] is None
+    table = calibrate.markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "failed: RuntimeError: no kernel image" in table
+    with pytest.raises(RuntimeError, match="estimates for"):
+        calibrate.run(cases, "A100", measure=measure, estimates=estimates[:-1])
+    assert [calibrate.model_gpu(n) for n in ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200",
+                                              "Tesla T4")] == ["A100", "H100", "H100", None]
+
+
+def test_launch_case_callable_runs_the_op_on_a_device():
+    """LaunchCase.callable_on: the timed function of the calibration, here on the CPU through the interpreter at a
+    small shape (forward, and forward + backward with input gradients of the inputs' shapes)."""
+    from segvit.kernels import launch_cases
+
+    shape = dict(classes=5, heads=2, head_dim=8, grid=3)
+    case = launch_cases.LaunchCase("atm_attention", "tiny", 2, "fp32", shape, dropout=0.0, backward=True)
+    out, sim = case.callable_on("cpu", backward=False)()
+    assert out.shape == (2, 5, 2, 8) and sim.shape == (2, 5, 9) and torch.isfinite(out).all()
+    grads = case.callable_on("cpu", backward=True)()
+    assert [g.shape for g in grads] == [(2, 5, 2, 8), (2, 9, 2, 8), (2, 9, 2, 8)]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

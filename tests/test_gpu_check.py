@@ -242,6 +242,12 @@ def test_main_with_faked_children(monkeypatch, tmp_path):
                         .replace('<failure message="AssertionError: out: error 0.5 &gt; bound 0.01 | x">long '
                                  'traceback</failure>', "")
                         .replace('<error message="fixture failed">trace</error>', ""))
+        elif step.name == "cost-model calibration":
+            directory = step.command[step.command.index("--out") + 1]
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "calibration.md"), "w") as f:
+                f.write("| case | model GPU | estimate us | measured us |\n|---|---|---|---|\n"
+                        "| atm_attention/x/fwd/bfloat16/B8 | H100 | 10.0 | 12.5 |\n")
         else:
             directory = step.command[step.command.index("--out") + 1]
             os.makedirs(directory, exist_ok=True)
@@ -256,7 +262,10 @@ def test_main_with_faked_children(monkeypatch, tmp_path):
     out = tmp_path / "check"
     assert gpu_check.main(["--out", str(out), "--pytest-args=-x"]) == gpu_check.EXIT_OK
     names = [s[0] for s in seen]
-    assert names == ["pytest", "benchmarks: ops", "benchmarks: models"]
+    assert names == ["pytest", "benchmarks: ops", "benchmarks: models", "cost-model calibration"]
+    calibrate_cmd = seen[3][1]
+    assert calibrate_cmd[1:3] == ["-m", "benchmarks.calibrate"] and seen[3][2] == gpu_check.CALIBRATE_TIMEOUT_S
+    assert calibrate_cmd[calibrate_cmd.index("--out") + 1] == str(out / "calibration")
     pytest_cmd = seen[0][1]
     assert pytest_cmd[1:7] == ["-m", "pytest", "-m", "gpu", "-q", "tests"] and pytest_cmd[-1] == "-x"
     assert seen[0][2] == 240
@@ -267,13 +276,14 @@ def test_main_with_faked_children(monkeypatch, tmp_path):
     assert models_cmd[models_cmd.index("--out") + 1] == str(out / "bench" / "models")
     assert seen[1][2] <= 210 and seen[2][2] <= seen[1][2]  # one budget shared by the two runs
     assert all("TRITON_INTERPRET" not in s[3] for s in seen)  # the children run the real GPU kernels
-    assert sorted(os.listdir(out)) == ["bench", "bench-models.log", "bench.log", "junit.xml", "machine.json",
-                                       "pytest.log", "summary.md"]
+    assert sorted(os.listdir(out)) == ["bench", "bench-models.log", "bench.log", "calibrate.log", "calibration",
+                                       "junit.xml", "machine.json", "pytest.log", "summary.md"]
     assert json.loads((out / "machine.json").read_text())["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# segvit GPU check: PASS")
     assert "5 tests: 4 passed, 0 failed, 0 errors, 1 skipped" in summary
     assert summary.count("| atm_attention |") == 2  # the table of each benchmark run
+    assert "## Cost model against measurement" in summary and "| atm_attention/x/fwd/bfloat16/B8 | H100 | 10.0 | 12.5 |" in summary
     for name in os.listdir(out):
         if os.path.isfile(out / name):
             assert os.path.getsize(out / name) < gpu_check.MAX_FILE_BYTES
