@@ -94,17 +94,11 @@ def _randn(shape, dtype, device, seed, requires_grad=False, scale=1.0):
 
 def blob_labels(batch, size, classes, seed, present=PRESENT_CLASSES, ignore_index=255):
     """Piecewise-constant labels (B, S, S): ``present`` classes per image in 8 x 8 blocks plus an ignored band at
-    the bottom (the padding of a crop), as training labels look; deterministic in ``seed``."""
-    g = _generator(seed)
-    labels = []
-    for _ in range(batch):
-        chosen = torch.randperm(classes, generator=g)[:present]
-        # every chosen class gets at least 64 // present blocks, in random places
-        blocks = chosen[torch.randperm(64, generator=g) % len(chosen)].view(8, 8)
-        label = F.interpolate(blocks[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
-        label[size - size // 16:] = ignore_index
-        labels.append(label)
-    return torch.stack(labels)
+    the bottom (the padding of a crop), as training labels look; deterministic in ``seed``. The compile report's and
+    the cost model's labels (``segvit.kernels.launch_cases.training_labels``), so both see the same inputs."""
+    from segvit.kernels.launch_cases import training_labels
+
+    return training_labels(batch, size, classes, present=present, seed=seed, ignore_index=ignore_index)
 
 
 def _head_shape(name):

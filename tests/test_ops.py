@@ -220,4 +220,6 @@ def test_auto_policy_of_a_registration(monkeypatch):
     with pytest.raises(ValueError, match="auto must be one of"):
         op.register("cpp", lambda x: x, auto="sometimes")
     assert _dispatch.OPS["mask_classify"].kernels["cuda"].auto == "no"
-    assert "auto and cuda: explicit only" in __import__("segvit.info", fromlist=["report"]).report()
+    assert _dispatch.OPS["mask_losses"].kernels["cuda"].auto == "without-triton"
+    report = __import__("segvit.info", fromlist=["report"]).report()
+    assert "auto and cuda: explicit only" in report and "used by auto only without Triton" in report

@@ -93,6 +93,26 @@ void lerp_rows(const float* __restrict top, const float* __restrict bottom, floa
   }
 }
 
+// Bilinear taps (align_corners=False) of every output column: the two source columns and their weights.
+struct ColumnTaps {
+  std::vector<int32_t> i0, i1;
+  std::vector<float> w0, w1;
+};
+
+ColumnTaps column_taps(int64_t w, int64_t Wout) {
+  ColumnTaps taps{std::vector<int32_t>(Wout), std::vector<int32_t>(Wout), std::vector<float>(Wout),
+                  std::vector<float>(Wout)};
+  const float scale_w = segvit::bilinear_scale(w, Wout);
+  for (int64_t x = 0; x < Wout; ++x) {
+    const auto t = segvit::bilinear_tap(x, w, Wout, scale_w);
+    taps.i0[x] = static_cast<int32_t>(t.i0);
+    taps.i1[x] = static_cast<int32_t>(t.i1);
+    taps.w0[x] = t.lambda0;
+    taps.w1[x] = t.lambda1;
+  }
+  return taps;
+}
+
 void check_inputs(const at::Tensor& class_logits, const at::Tensor& mask_logits, at::IntArrayRef out_size) {
   TORCH_CHECK(class_logits.defined() && mask_logits.defined(),
               "segvit::mask_classify: class_logits and mask_logits must be defined tensors");
@@ -367,16 +387,11 @@ void mask_classify_avx2(const at::Tensor& probs,        // (B, K, Q) float32, co
   }
 
   // Horizontal taps, shared by every row of every mask.
-  std::vector<int32_t> col0(Wout), col1(Wout);
-  std::vector<float> colw0(Wout), colw1(Wout);
-  const float scale_w = segvit::bilinear_scale(w, Wout);
-  for (int64_t x = 0; x < Wout; ++x) {
-    const auto t = segvit::bilinear_tap(x, w, Wout, scale_w);
-    col0[x] = static_cast<int32_t>(t.i0);
-    col1[x] = static_cast<int32_t>(t.i1);
-    colw0[x] = t.lambda0;
-    colw1[x] = t.lambda1;
-  }
+  const ColumnTaps cols = column_taps(w, Wout);
+  const std::vector<int32_t>& col0 = cols.i0;
+  const std::vector<int32_t>& col1 = cols.i1;
+  const std::vector<float>& colw0 = cols.w0;
+  const std::vector<float>& colw1 = cols.w1;
 
   // Bands of output rows and their vertical taps. Taps are non-decreasing in the output row and i1 <= i0 + 1, so a
   // source row already seen is one of the last two recorded; a band's list stays sorted (at most 2 rows per row).
@@ -456,16 +471,11 @@ void mask_classify_kernel(const at::Tensor& probs,         // (B, K, Q) float32,
   constexpr bool kIsFloat = std::is_same_v<scalar_t, float>;
 
   // Horizontal taps, shared by every row of every mask.
-  std::vector<int32_t> col0(Wout), col1(Wout);
-  std::vector<float> colw0(Wout), colw1(Wout);
-  const float scale_w = segvit::bilinear_scale(w, Wout);
-  for (int64_t x = 0; x < Wout; ++x) {
-    const auto t = segvit::bilinear_tap(x, w, Wout, scale_w);
-    col0[x] = static_cast<int32_t>(t.i0);
-    col1[x] = static_cast<int32_t>(t.i1);
-    colw0[x] = t.lambda0;
-    colw1[x] = t.lambda1;
-  }
+  const ColumnTaps cols = column_taps(w, Wout);
+  const std::vector<int32_t>& col0 = cols.i0;
+  const std::vector<int32_t>& col1 = cols.i1;
+  const std::vector<float>& colw0 = cols.w0;
+  const std::vector<float>& colw1 = cols.w1;
   const float scale_h = segvit::bilinear_scale(h, Hout);
 
   // Rows per block: enough pixels for an efficient GEMM, small enough for L2, and enough blocks to feed every thread.

@@ -131,7 +131,11 @@ def _cuda_reasons(mask_logits, labels, **kwargs):
 
 
 _OP.register("cpp", _compiled, _cpp_reasons)
-_OP.register("cuda", _compiled, _cuda_reasons)
+# auto takes the CUDA kernel only where Triton is not installed: the static cost model has no estimate of it (its
+# SASS exists only in the CUDA wheel), while the Triton path's is in kernels/README.md.
+_OP.register("cuda", _compiled, _cuda_reasons, auto="without-triton",
+             auto_note="used by auto only without Triton: not estimated by the static cost model (the Triton "
+                       "kernels are, kernels/README.md); explicit use_backend('cuda') always")
 
 
 def _triton(mask_logits, labels, **kwargs):
