@@ -26,7 +26,9 @@ Design:
   instead of one per score, and the products written as 64-bit multiplies (one IMAD.WIDE each). The mask depends on
   (seed, row, key) only, not on the tile shape, so the forward and both backward passes (different tiles) agree.
   The 1 / (1 - p) rescale is applied to the accumulated output (and dV), not per score. The seed is drawn from
-  torch's CPU generator inside the op (``torch.manual_seed`` reproduces it) and saved for backward.
+  torch's CPU generator inside the op (``torch.manual_seed`` reproduces it) and saved for backward. It is a kernel
+  argument Triton does not specialize on (``do_not_specialize``): a seed divisible by 16 would otherwise compile a
+  second variant of each kernel in the middle of a training run.
 * Masks: full key tiles run without any per-score mask, the ragged last key tile (if any) with one; padding
   query rows load zeros (finite, never stored), and the dK/dV pass needs no score mask at all (a padding key only
   feeds its own, unstored, dK/dV row). The forward computes the row max on the raw scores and the exponent
@@ -184,7 +186,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         return acc, m_new, l_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, Nq, Nk, H, D,
                   sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, Nq_bucket, Nk_bucket,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr):
@@ -224,7 +226,7 @@ if triton is not None:
                  mask=m_ok[:, None] & d_ok[None, :])
         tl.store(LSE + bh * Nq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DSIM, DK, DV, seed, qk_scale, scale, inv_h, dropout_p,
                        Nq, Nk, H, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdob, sdom, sdoh,
                        sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, Nq_bucket, Nk_bucket,
@@ -302,7 +304,7 @@ if triton is not None:
             ds = tl.where(n_ok[None, :], ds, 0.0)
         return dq + tl.dot(ds.to(k.dtype), k, input_precision="ieee")
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DSIM, DQ, seed, qk_scale, scale, inv_h, dropout_p,
                      Nq, Nk, H, D, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdob, sdom, sdoh,
                      sdqb, sdqm, sdqh, Nq_bucket, Nk_bucket,

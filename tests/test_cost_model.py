@@ -241,3 +241,37 @@ def test_launch_case_callable_runs_the_op_on_a_device():
     grads = case.callable_on("cpu", backward=True)()
     assert [g.shape for g in grads] == [(2, 5, 2, 8), (2, 9, 2, 8), (2, 9, 2, 8)]
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+_SEED_SCRIPT = r"""
+import json
+import torch
+from segvit.kernels.compile_only import compile_only
+from segvit.kernels.launch_cases import LaunchCase
+
+def seed_after(s):
+    torch.manual_seed(s)
+    return int(torch.randint(0, 2 ** 31 - 1, ()))  # the op's first draw: its dropout seed
+
+aligned = next(s for s in range(1000) if seed_after(s) % 16 == 0)
+unaligned = next(s for s in range(1000) if seed_after(s) % 16 != 0)
+case = LaunchCase("atm_attention", "tiny", 2, "bf16", dict(classes=5, heads=2, head_dim=32, grid=8), dropout=0.1)
+found = []
+with compile_only(80) as launches:
+    for s in (aligned, unaligned):
+        torch.manual_seed(s)
+        before = len(launches)
+        case.run()
+        found.append(sorted({(l.fn_name, l.specialization, l.kernel.hash) for l in launches[before:]}))
+print(json.dumps({"aligned": found[0], "unaligned": found[1], "seeds": [seed_after(aligned), seed_after(unaligned)]}))
+"""
+
+
+def test_dropout_seed_does_not_change_what_compiles(tmp_path):
+    """The attention kernels do not specialize on the dropout seed: a seed divisible by 16 launches the same compiled
+    kernels as any other (else one training step in 16 would compile new variants, and the compile report would
+    list a random set)."""
+    pytest.importorskip("triton")
+    r = _run_clean(_SEED_SCRIPT, tmp_path)
+    assert r["seeds"][0] % 16 == 0 and r["seeds"][1] % 16 != 0
+    assert r["aligned"] and r["aligned"] == r["unaligned"]
