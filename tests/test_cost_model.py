@@ -147,6 +147,7 @@ with compile_only(80) as launches:
     with tag(case="tuned", pass_="fwd"):
         tuned[lambda meta: (128 // meta["BLOCK"],)](x, out, 64, 4096)
 results["untouched"] = bool((out == 7.0).all())  # nothing ran
+results["tuning_forgotten"] = not tuned.cache  # a real launch afterwards tunes for itself
 results["launches"] = [(l.fn_name, l.grid, l.constexprs, l.num_warps, l.specialization, l.tuning, l.tags["case"])
                        for l in launches]
 trips = lambda a: [-(-a["cols"] // a["BLOCK"])]
@@ -173,7 +174,7 @@ def _run_clean(script: str, tmp_path) -> dict:
 def test_compile_only_records_what_launches_and_runs_nothing(tmp_path):
     pytest.importorskip("triton")
     r = _run_clean(_COMPILE_ONLY_SCRIPT, tmp_path)
-    assert r["untouched"]
+    assert r["untouched"] and r["tuning_forgotten"]
     launches = r["launches"]
     # the plain launches: launch-time specialization seen (4096 divisible by 16, 1000 not)
     assert launches[0][:4] == ["add_rows", [64, 1, 1], {"BLOCK": 64}, 4]
