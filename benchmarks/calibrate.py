@@ -32,11 +32,6 @@ def model_gpu(device_name: str) -> str | None:
     return None
 
 
-def case_modes(case) -> list[bool]:
-    """The ``backward`` flags the estimate gives a case, in ``benchmarks.estimate.run``'s order."""
-    return [False, True] if case.backward and case.op != "atm_attention" else [case.backward]
-
-
 def time_case_us(case, backward: bool, device: str = "cuda") -> float:
     """Median time of one call (forward, or forward + backward) of the case's Triton path on ``device``."""
     import triton.testing
@@ -52,7 +47,7 @@ def run(cases, gpu: str, measure=time_case_us, estimates=None) -> list[dict]:
 
     if estimates is None:
         estimates = estimate.run(cases, gpus=(gpu,), progress=True)
-    pairs = [(case, backward) for case in cases for backward in case_modes(case)]
+    pairs = [(case, backward) for case in cases for backward in estimate.case_modes(case)]
     if len(pairs) != len(estimates):
         raise RuntimeError(f"{len(estimates)} estimates for {len(pairs)} case modes")
     rows = []
@@ -69,11 +64,9 @@ def run(cases, gpu: str, measure=time_case_us, estimates=None) -> list[dict]:
     return rows
 
 
-def _fmt(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
-
-
 def markdown(rows: list[dict]) -> str:
+    from benchmarks.estimate import _fmt
+
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         measured = _fmt(r["measured_us"]) if r["problem"] is None else f"failed: {r['problem']}".replace("|", "/")

@@ -312,6 +312,12 @@ def estimate_case(case, launches_by_arch: dict, aten_by_pass: dict, gpu: Gpu, ba
             "aten_us": aten_us, "aten_ops": [op["op"] for op in aten], "kernels": kernels, "problems": problems}
 
 
+def case_modes(case) -> list[bool]:
+    """The ``backward`` flags a case is estimated in, in order: a training op forward alone and then with its
+    backward; the ATM attention in its case's own mode (its cases already split forward and training)."""
+    return [False, True] if case.backward and case.op != "atm_attention" else [case.backward]
+
+
 def run(cases=None, gpus=("A100", "H100"), progress=True) -> list[dict]:
     from segvit.kernels import launch_cases
     from segvit.kernels.compile_only import compile_only
@@ -333,7 +339,7 @@ def run(cases=None, gpus=("A100", "H100"), progress=True) -> list[dict]:
         launches_by_arch[arch] = launches
     results = []
     for case in cases:
-        for backward in ((False, True) if case.backward and case.op != "atm_attention" else (case.backward,)):
+        for backward in case_modes(case):
             for name in gpus:
                 results.append(estimate_case(case, launches_by_arch, aten[case.name], GPUS[name], backward))
     return results

@@ -201,12 +201,12 @@ def test_kernel_without_trip_counts_is_reported_not_guessed(tmp_path):
 def test_calibration_pairs_estimates_with_measurements():
     """benchmarks.calibrate: every (case, mode) the estimate makes gets its measurement beside it; a failed
     measurement is reported in its row; model GPUs from device names."""
-    from benchmarks import calibrate
+    from benchmarks import calibrate, estimate
     from segvit.kernels import launch_cases
 
     cases = [c for c in launch_cases.published_cases(models=["segvit_vit-l16_ade20k_640"], batches=(8,),
                                                      dtypes=("bf16",))]
-    modes = [(c, b) for c in cases for b in calibrate.case_modes(c)]
+    modes = [(c, b) for c in cases for b in estimate.case_modes(c)]
     assert {c.op for c, _ in modes} == {"atm_attention", "mask_classify", "mask_losses"}
     assert [b for c, b in modes if c.op == "mask_losses"] == [False, True]  # forward alone, then with backward
     estimates = [dict(id=f"{c.name}/{b}", estimate_us=10.0 + i, floor_us=5.0) for i, (c, b) in enumerate(modes)]

@@ -388,10 +388,6 @@ void mask_classify_avx2(const at::Tensor& probs,        // (B, K, Q) float32, co
 
   // Horizontal taps, shared by every row of every mask.
   const ColumnTaps cols = column_taps(w, Wout);
-  const std::vector<int32_t>& col0 = cols.i0;
-  const std::vector<int32_t>& col1 = cols.i1;
-  const std::vector<float>& colw0 = cols.w0;
-  const std::vector<float>& colw1 = cols.w1;
 
   // Bands of output rows and their vertical taps. Taps are non-decreasing in the output row and i1 <= i0 + 1, so a
   // source row already seen is one of the last two recorded; a band's list stays sorted (at most 2 rows per row).
@@ -432,10 +428,10 @@ void mask_classify_avx2(const at::Tensor& probs,        // (B, K, Q) float32, co
   problem.packed_probs = packed.get();
   problem.masks = mask_logits.const_data_ptr<float>();
   problem.out = out.mutable_data_ptr<float>();
-  problem.col0 = col0.data();
-  problem.col1 = col1.data();
-  problem.colw0 = colw0.data();
-  problem.colw1 = colw1.data();
+  problem.col0 = cols.i0.data();
+  problem.col1 = cols.i1.data();
+  problem.colw0 = cols.w0.data();
+  problem.colw1 = cols.w1.data();
 
   // Tasks (b, band, column chunk), taken by the threads from a shared counter: a thread slowed down by other work
   // on the machine takes fewer. Which thread computes a task does not change its result.
@@ -472,10 +468,6 @@ void mask_classify_kernel(const at::Tensor& probs,         // (B, K, Q) float32,
 
   // Horizontal taps, shared by every row of every mask.
   const ColumnTaps cols = column_taps(w, Wout);
-  const std::vector<int32_t>& col0 = cols.i0;
-  const std::vector<int32_t>& col1 = cols.i1;
-  const std::vector<float>& colw0 = cols.w0;
-  const std::vector<float>& colw1 = cols.w1;
   const float scale_h = segvit::bilinear_scale(h, Hout);
 
   // Rows per block: enough pixels for an efficient GEMM, small enough for L2, and enough blocks to feed every thread.
@@ -544,7 +536,7 @@ void mask_classify_kernel(const at::Tensor& probs,         // (B, K, Q) float32,
             for (int64_t x = 0; x < w; ++x) src_row[x] = static_cast<float>(in[x]);
             row = src_row.data();
           }
-          lerp_columns(row, col0.data(), col1.data(), colw0.data(), colw1.data(), Wout, hrows.data() + j * Wout);
+          lerp_columns(row, cols.i0.data(), cols.i1.data(), cols.w0.data(), cols.w1.data(), Wout, hrows.data() + j * Wout);
         }
         float* upsampled = scratch.data() + q * pixels;
         for (int64_t rr = 0; rr < n_rows; ++rr) {
