@@ -6,8 +6,12 @@ templates, read in one direction to load and in the other to export. ``{i}`` is 
 """
 from __future__ import annotations
 
+import errno
+import importlib
 import os
+import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from typing import Mapping
 
@@ -109,14 +113,66 @@ def to_original(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     return out
 
 
+class CheckpointError(RuntimeError):
+    """A file that is not a complete, loadable checkpoint (empty, truncated, not a checkpoint at all, or holding
+    objects that safe loading refuses); the message names the file and says which."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_MAGIC = b"\x80"      # the legacy format: a pickle (protocol >= 2)
+
+
+def read_checkpoint_file(path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what is wrong with the
+    file: a missing file is a ``FileNotFoundError``; an empty, truncated or non-checkpoint file, and one holding
+    objects that safe loading refuses (only then with the ``weights_only=False`` advice), a ``CheckpointError``."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", name)
+    if os.path.isdir(name):
+        raise IsADirectoryError(errno.EISDIR, "checkpoint path is a directory, expected a file", name)
+    size = os.path.getsize(name)
+    if size == 0:
+        raise CheckpointError(f"checkpoint {name!r} is empty (0 bytes): an interrupted write or download?")
+    with open(name, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(name):
+            raise CheckpointError(f"checkpoint {name!r} is truncated or corrupt ({size} bytes, the end of its zip "
+                                  "archive is missing): an interrupted write or download?")
+    elif not head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{name!r} is not a torch checkpoint (it starts with {head!r}; torch.save files "
+                              f"start with {_ZIP_MAGIC!r})")
+    try:
+        return torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) and _names_real_global(str(exc)):
+            # A valid checkpoint with objects safe loading does not allow (e.g. an mmcv ``meta`` of classes).
+            raise CheckpointError(
+                f"checkpoint {name!r} holds objects that safe loading (weights_only=True) refuses: {exc}\nIf you "
+                "trust the file, pass torch.load(path, map_location='cpu', weights_only=False) to load_checkpoint "
+                "instead.") from exc
+        raise CheckpointError(f"checkpoint {name!r} could not be read ({size} bytes): {exc}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {name!r} is truncated or corrupt ({size} bytes): {exc}") from exc
+
+
+def _names_real_global(message: str) -> bool:
+    """Whether safe loading refused a global that exists (a real object in a valid file), rather than a name cut
+    short by a truncated legacy-format pickle (e.g. ``torch._utils._rebuild_tens``)."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+) was not", message)
+    if match is None:
+        return True
+    module, _, attr = match.group(1).rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), attr)
+    except Exception:  # a module that does not import here may still exist where the file was written
+        return True
+
+
 def _read(path_or_state_dict) -> Mapping[str, torch.Tensor]:
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        try:
-            obj = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
-        except Exception as exc:  # an mmcv ``meta`` with objects plain unpickling would have to trust
-            raise RuntimeError(
-                f"could not load {os.fspath(path_or_state_dict)!r} safely ({exc}). If you trust the file, pass "
-                "torch.load(path, map_location='cpu', weights_only=False) to load_checkpoint instead.") from exc
+        obj = read_checkpoint_file(path_or_state_dict)
     else:
         obj = path_or_state_dict
     if not isinstance(obj, Mapping):

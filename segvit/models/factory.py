@@ -145,7 +145,9 @@ def _build_head(cfg: dict, backbone: VisionTransformer):
 
 def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
     """A SegViT model from a published name (see ``list_models()``) or an original config's ``model`` dict
-    (a whole config with a ``model`` key is accepted too); optionally loads a checkpoint (``load_checkpoint``)."""
+    (a whole config with a ``model`` key is accepted too). With a ``checkpoint`` (``load_checkpoint``) the model is
+    returned in eval mode, ready for inference as mmseg's and Hugging Face's loaders return it (call ``.train()``
+    to fine-tune); without one, in training mode, as a freshly built ``nn.Module``."""
     cfg = published_config(name_or_cfg)["model"] if isinstance(name_or_cfg, str) else copy.deepcopy(name_or_cfg)
     if "model" in cfg and "type" not in cfg:
         cfg = cfg["model"]
@@ -173,4 +175,5 @@ def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
         from segvit.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint)
+        model.eval()
     return model

@@ -1,11 +1,26 @@
 """The SegViT segmentor: backbone, decode head, and the original's whole-image and sliding-window inference."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from segvit import ops
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Every submodule in eval mode inside; on exit each gets back its own ``training`` flag (a model may mix them,
+    e.g. a frozen, eval-mode backbone under a training head)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class SegViT(nn.Module):
@@ -37,15 +52,16 @@ class SegViT(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Class scores (B, K, H, W) at the input's size, before the final softmax: ``whole`` runs the image at
-        once, ``slide`` averages overlapping crop-size windows (crop and stride from the config), as mmseg 0.24."""
+        once, ``slide`` averages overlapping crop-size windows (crop and stride from the config), as mmseg 0.24.
+        Deterministic: runs in eval mode (no dropout, no drop path) whatever the module's mode, and leaves every
+        submodule's mode as it found it."""
         mode = mode or self.test_mode
-        if mode == "whole":
-            return self.encode_decode(images)
-        if mode == "slide":
-            if self.crop_size is None or self.stride is None:
-                raise ValueError("predict(mode='slide'): this model has no crop_size/stride (give them to the config)")
-            return self.slide_inference(images)
-        raise ValueError(f"mode: expected None, 'whole' or 'slide', got {mode!r}")
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"mode: expected None, 'whole' or 'slide', got {mode!r}")
+        if mode == "slide" and (self.crop_size is None or self.stride is None):
+            raise ValueError("predict(mode='slide'): this model has no crop_size/stride (give them to the config)")
+        with _eval_mode(self):
+            return self.encode_decode(images) if mode == "whole" else self.slide_inference(images)
 
     def encode_decode(self, images: torch.Tensor) -> torch.Tensor:
         """Scores at the crop size (the original head's eval output), then resized to the input."""
