@@ -28,7 +28,7 @@ def on_inputs_device(fn):
     """Decorator of the custom-op implementations (the launchers): run ``fn`` under a device guard of its first
     tensor argument's device, so the kernels launch on that device and its current stream (tensors on ``cuda:1``
     while ``cuda:0`` is current), and with autocast off for that device type, so the ATen calls between kernels
-    (projections, the similarity GEMM) keep the dtypes the op's fake kernel states. The public ops have applied the
+    (projections, sums) keep the dtypes the op's fake kernel states. The public ops have applied the
     autocast policy to the inputs before (segvit/ops/_autocast.py)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

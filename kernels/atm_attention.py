@@ -10,11 +10,13 @@ Design:
   Nq = 150 queries, so a per-query-block grid would launch B * 3 programs on a 108-SM A100, and holding H
   accumulators (H x BLOCK_M x D floats) per program costs 16x the registers. With per-head programs the K/V of
   one head is re-read once per query block (3 blocks at Nq = 150), from L2.
-* Similarity map: sim = mean_h scale q_h k_h^T = (scale / H) q k^T over the full C = H * D channels, one GEMM of
-  (B, Nq, C) x (B, C, Nk). The per-head attention programs cannot write it without summing over heads across
-  programs (float atomics: order-dependent, not deterministic), so it is one library GEMM (``baddbmm`` with
-  alpha = scale / H, fp32 accumulation on the tensor cores), reading q and k once more (k: 3.3 MB at ViT-L 640,
-  L2-resident right after the attention kernel read it). Its gradient is fused into the attention backward:
+* Similarity map: sim = mean_h scale q_h k_h^T = (scale / H) q k^T over the full C = H * D channels, written by
+  the forward kernel itself. A per-head program cannot sum over heads without float atomics (order-dependent, not
+  deterministic), so the map is cut by key tiles instead: after its attention loop, program (i, b, h) computes the
+  full-channel sim tiles t = h, h + H, h + 2H, ... of its query block (one D-slice dot per head, summed in a fixed
+  order, float32), so the H programs of a (query block, batch) share the map's key tiles. q and k come back from L2
+  (the sibling programs of the same batch read them at the same time), so HBM sees k once, not once more for a
+  separate GEMM (at ViT-L 640 B8 that GEMM re-read 13 MB of k). Its gradient is fused into the attention backward:
   dSim / H is added to every head's score gradient inside the tiles, so the backward is one pass.
 * Backward: two deterministic passes, as FlashAttention-2: a (key block, b * h) program accumulates dK and dV
   over all query blocks, a (query block, b * h) program accumulates dQ over all key blocks; both recompute
@@ -187,10 +189,12 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit(do_not_specialize=["seed"])
-    def _attn_fwd(Q, K, V, O, LSE, seed, qk_scale, dropout_p, Nq, Nk, H, D,
+    def _attn_fwd(Q, K, V, O, LSE, SIM, seed, qk_scale, sim_scale, dropout_p, Nq, Nk, H, D,
                   sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, Nq_bucket, Nk_bucket,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr):
-        # Nq_bucket, Nk_bucket: autotune keys only (next powers of 2 of Nq, Nk).
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr,
+                  WITH_SIM: tl.constexpr):
+        # Nq_bucket, Nk_bucket: autotune keys only (next powers of 2 of Nq, Nk). SIM (B, Nq, Nk) contiguous, written
+        # iff WITH_SIM (sim_scale = scale / H).
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -225,6 +229,21 @@ if triton is not None:
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
         tl.store(LSE + bh * Nq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+        if WITH_SIM:  # this program's share of the head-mean similarity map: key tiles h, h + H, ...
+            q_rows = Q + b * sqb + offs_m[:, None] * sqm + offs_d[None, :]
+            k_rows = K + b * skb + offs_d[None, :]
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            for tile in range(h, tl.cdiv(Nk, BLOCK_N), H):
+                n = tile * BLOCK_N + offs_n
+                n_ok = n < Nk
+                sim = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for head in range(0, H):
+                    q_h = tl.load(q_rows + head * sqh, mask=q_mask, other=0.0)
+                    k_h = tl.load(k_rows + head * skh + n[:, None] * skn, mask=n_ok[:, None] & d_ok[None, :],
+                                  other=0.0)
+                    sim = tl.dot(q_h, tl.trans(k_h), sim, input_precision="ieee")
+                tl.store(SIM + b * Nq * Nk + offs_m[:, None] * Nk + n[None, :], (sim * sim_scale).to(
+                         SIM.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit(do_not_specialize=["seed"])
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DSIM, DK, DV, seed, qk_scale, scale, inv_h, dropout_p,
@@ -362,9 +381,11 @@ def _s(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_forward(q, k, v, out, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
-    """Flash forward: writes ``out`` (B, Nq, H, D) and returns the base-2 LSE (B * H, Nq) in float32.
-    q, k, v, out may be strided views (unit stride along D)."""
+def attention_forward(q, k, v, out, scale: float, dropout_p: float, seed: int,
+                      sim: torch.Tensor | None = None) -> torch.Tensor:
+    """Flash forward: writes ``out`` (B, Nq, H, D) and, if given, the head-mean similarity map ``sim`` (B, Nq, Nk)
+    contiguous, and returns the base-2 LSE (B * H, Nq) in float32. q, k, v, out may be strided views (unit stride
+    along D)."""
     batch, nq, heads, dim = q.shape
     nk = k.shape[1]
     lse = _common.empty(batch * heads, nq, dtype=torch.float32, device=q.device)
@@ -372,9 +393,11 @@ def attention_forward(q, k, v, out, scale: float, dropout_p: float, seed: int) -
         q, scale = -q, -scale
     kernel = _fwd
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    kernel[grid](q, k, v, out, lse, seed, scale * LOG2E, dropout_p, nq, nk, heads, dim,
-                 *_s(q), *_s(k), *_s(v), *_s(out), _bucket(nq), _bucket(nk), BLOCK_D=_common.next_pow2(dim),
-                 DROPOUT=dropout_p > 0, **kernel.single_config)
+    # Without a map, SIM gets a placeholder pointer (never read or written).
+    kernel[grid](q, k, v, out, lse, out if sim is None else sim, seed, scale * LOG2E, scale / heads, dropout_p, nq,
+                 nk, heads, dim, *_s(q), *_s(k), *_s(v), *_s(out), _bucket(nq), _bucket(nk),
+                 BLOCK_D=_common.next_pow2(dim), DROPOUT=dropout_p > 0, WITH_SIM=sim is not None,
+                 **kernel.single_config)
     return lse
 
 
@@ -401,15 +424,6 @@ def attention_backward(q, k, v, out, dout, lse, dsim, dq, dk, dv, scale: float, 
                   **_bwd_dq.single_config)
 
 
-def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """sim = mean_h scale q_h k_h^T = (scale / H) q k^T over all C = H * D channels: one GEMM (see the module doc)."""
-    batch, nq, heads, dim = q.shape
-    qf = q.reshape(batch, nq, heads * dim)
-    kf = k.reshape(batch, k.shape[1], heads * dim)
-    sim = torch.empty(batch, nq, k.shape[1], dtype=q.dtype, device=q.device)
-    return torch.baddbmm(sim, qf, kf.transpose(1, 2), beta=0.0, alpha=scale / heads)
-
-
 # ---- torch.library wiring ----
 
 @torch.library.custom_op("segvit::triton_atm_attention", mutates_args=())
@@ -421,8 +435,9 @@ def _atm_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dro
     # p = 0 leaves torch's generator untouched, as eager does.
     seed = int(torch.randint(0, 2 ** 31 - 1, ())) if dropout_p > 0 else 0
     out = _common.empty(*q.shape, dtype=q.dtype, device=q.device)
-    lse = attention_forward(q, k, v, out, scale, dropout_p, seed)
-    return out, similarity(q, k, scale), lse, torch.tensor(seed, dtype=torch.int64)
+    sim = _common.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+    lse = attention_forward(q, k, v, out, scale, dropout_p, seed, sim)
+    return out, sim, lse, torch.tensor(seed, dtype=torch.int64)
 
 
 @_atm_op.register_fake
@@ -434,9 +449,9 @@ def _(q, k, v, scale, dropout_p):
 
 @torch.library.custom_op("segvit::triton_atm_attention_backward", mutates_args=())
 @_common.on_inputs_device
-def _atm_backward_op(dout: torch.Tensor, dsim: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _atm_backward_op(dout: torch.Tensor, dsim: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, scale: float,
+                     dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = (_common.empty(*t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     attention_backward(q, k, v, out, dout, lse, dsim, dq, dk, dv, scale, dropout_p, int(seed))
@@ -453,13 +468,14 @@ def _setup_context(ctx, inputs, output):
     out, _, lse, seed = output
     ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+    # Outputs that do not reach the loss (lse and seed always, sim or out sometimes) get None, not zero-filled
+    # tensors: no fill kernels, and no dSim pass when the similarity map is unused.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dsim, _dlse, _dseed):
     q, k, v, out, lse, seed = ctx.saved_tensors
-    # Autograd passes None for an output that does not reach the loss; zeros keep the op's schema simple.
     dout = torch.zeros_like(out) if dout is None else dout
-    dsim = q.new_zeros(q.shape[0], q.shape[1], k.shape[1]) if dsim is None else dsim
     dq, dk, dv = _atm_backward_op(dout, dsim, q, k, v, out, lse, seed, ctx.scale, ctx.dropout_p)
     return dq, dk, dv, None, None
 
@@ -489,10 +505,10 @@ def _specs():
         return []
     strides = {n: "i32" for n in ("sqb", "sqm", "sqh", "skb", "skn", "skh", "svb", "svn", "svh")}
     specs = []
-    fwd_sig = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", LSE="*fp32", seed="i32", qk_scale="fp32",
-                   dropout_p="fp32", Nq="i32", Nk="i32", H="i32", D="i32", **strides, sob="i32", som="i32",
+    fwd_sig = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", O="*{dtype}", LSE="*fp32", SIM="*{dtype}", seed="i32",
+                   qk_scale="fp32", sim_scale="fp32", dropout_p="fp32", Nq="i32", Nk="i32", H="i32", D="i32", **strides, sob="i32", som="i32",
                    soh="i32", Nq_bucket="i32", Nk_bucket="i32", BLOCK_M="constexpr", BLOCK_N="constexpr",
-                   BLOCK_D="constexpr", DROPOUT="constexpr")
+                   BLOCK_D="constexpr", DROPOUT="constexpr", WITH_SIM="constexpr")
     bwd_common = dict(Q="*{dtype}", K="*{dtype}", V="*{dtype}", DO="*{dtype}", LSE="*fp32", DELTA="*fp32",
                       DSIM="*{dtype}")
     bwd_tail = dict(seed="i32", qk_scale="fp32", scale="fp32", inv_h="fp32", dropout_p="fp32", Nq="i32", Nk="i32",
@@ -511,7 +527,9 @@ def _specs():
                                  ("atm_attention.bwd_dq", _attn_bwd_dq, dq_sig, DQ_CONFIGS)]:
         for (group, block_d), configs in table.items():
             constexprs = dict(BLOCK_D=block_d, DROPOUT=True)
-            if fn is not _attn_fwd:
+            if fn is _attn_fwd:
+                constexprs["WITH_SIM"] = True
+            else:
                 constexprs["HAS_DSIM"] = True
             specs.append(dict(name=f"{name}[D<={block_d}]", fn=fn, signature=sig, constexprs=constexprs,
                               configs=configs, dtypes=GROUP_DTYPES[group], tensor_cores=group == "16"))
@@ -523,9 +541,15 @@ COMPILE_SPECS = _specs()
 
 # Loop trip counts per program, in SASS order, for the static cost model (benchmarks/estimate.py): the forward and
 # the dQ pass loop over the full key tiles, then over the ragged tail tile (a second loop of 0 or 1 trips), the
-# dK/dV pass over query tiles.
+# dK/dV pass over query tiles. The forward's similarity map: the H programs of a query block share its key tiles
+# (on average cdiv(Nk, BLOCK_N) / H each), and each tile loops over the H heads.
+def _sim_trips(a) -> list[float]:
+    tiles = -(-a["Nk"] // a["BLOCK_N"])
+    return [tiles / a["H"], tiles] if a["WITH_SIM"] else []
+
+
 LOOP_TRIPS = {
-    "_attn_fwd": lambda a: [a["Nk"] // a["BLOCK_N"], int(a["Nk"] % a["BLOCK_N"] != 0)],
+    "_attn_fwd": lambda a: [a["Nk"] // a["BLOCK_N"], int(a["Nk"] % a["BLOCK_N"] != 0)] + _sim_trips(a),
     "_attn_bwd_dkdv": lambda a: [-(-a["Nq"] // a["BLOCK_M"])],
     "_attn_bwd_dq": lambda a: [a["Nk"] // a["BLOCK_N"], int(a["Nk"] % a["BLOCK_N"] != 0)],
 }

@@ -9,7 +9,7 @@ whose "launch" compiles and records instead of running. Everything else is Trito
 specializes the arguments as a launch would (16-byte-aligned pointers and integers divisible by 16 get
 ``tt.divisibility``, integers equal to 1 become constants), the autotuner prunes its configs with the call's
 arguments and "benchmarks" every surviving config (each compiles and is recorded; the benchmark returns a constant,
-so the first config wins), and the launcher's own torch code (softmax, the similarity GEMM, buffer allocation)
+so the first config wins), and the launcher's own torch code (a softmax, the K/V projection GEMM, buffer allocation)
 runs on the CPU tensors it is given. Kernel outputs are left unwritten (``torch.empty``): a launcher that read one
 back on the host would be reading garbage, which is also what it would be doing on a GPU before a synchronisation.
 
@@ -36,7 +36,7 @@ class Launch:
     grid: tuple             # (x, y, z) programs
     constexprs: dict        # the constexpr arguments (block sizes, flags) as compiled
     scalars: dict           # the non-constexpr scalar arguments (sizes, scales) as passed
-    shapes: dict            # tensor argument -> (shape, dtype)
+    shapes: dict            # tensor argument -> (shape, dtype); an argument aliasing an earlier one is left out
     num_warps: int
     num_stages: int
     specialization: str     # which arguments were specialized at "launch" (divisible by 16, equal to 1)
@@ -140,8 +140,13 @@ def compile_only(arch: int):
             g = tuple(int(x) for x in g) + (1,) * (3 - len(g))
             constexprs = {p.name: bound[p.name] for p in self.params if p.is_constexpr and p.name in bound}
             scalars = {k: v for k, v in bound.items() if k not in constexprs and isinstance(v, (int, float, bool))}
-            shapes = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in bound.items()
-                      if isinstance(v, torch.Tensor)}
+            # A tensor passed again under another name (a placeholder pointer the kernel never touches) is listed
+            # once, so the bytes the cost model counts are those of distinct tensors.
+            shapes, seen = {}, set()
+            for k, v in bound.items():
+                if isinstance(v, torch.Tensor) and (v.data_ptr(), v.shape, v.dtype) not in seen:
+                    seen.add((v.data_ptr(), v.shape, v.dtype))
+                    shapes[k] = (tuple(v.shape), str(v.dtype).replace("torch.", ""))
             meta = kernel.metadata
             _State.active.append(Launch(self.fn.__name__, arch, kernel, g, constexprs, scalars, shapes,
                                         int(meta.num_warps), int(meta.num_stages), _specialization(kernel),

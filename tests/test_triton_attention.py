@@ -69,17 +69,20 @@ def test_atm_attention_matches_reference(device, dtype, b, nq, nk, h, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_atm_attention_strided_inputs_and_one_used_output(device):
-    # q, k, v as transposed views of (B, H, N, D) tensors; only `out` reaches the loss (dSim is None).
-    q, k, v = (torch.randn(2, 3, n, 8, device=device).transpose(1, 2).requires_grad_() for n in (5, 9, 9))
-    out, _ = segvit.ops.atm_attention(q, k, v, scale=0.3)
-    out.square().sum().backward()
+@pytest.mark.parametrize("used", [0, 1])
+def test_atm_attention_strided_inputs_and_one_used_output(device, used):
+    # q, k, v as transposed views of (B, H, N, D) tensors; only `out` (dSim is None) or only `sim` (dOut is None)
+    # reaches the loss. dv is zero when only sim is used.
+    q, k, v = (torch.randn(2, 3, n, 8, device=device).transpose(1, 2).requires_grad_() for n in (5, 21, 21))
+    ours = segvit.ops.atm_attention(q, k, v, scale=0.3)[used]
+    ours.square().sum().backward()
     refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_out, _ = atm_mod.reference(*refs, scale=0.3)
-    ref_out.square().sum().backward()
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip((q, k, v), refs):
-        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-4)
+    ref = atm_mod.reference(*refs, scale=0.3)[used]
+    ref.square().sum().backward()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip((q, k, v), refs):
+        expected = torch.zeros_like(theirs) if theirs.grad is None else theirs.grad  # v does not reach sim
+        torch.testing.assert_close(mine.grad.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def _dropout_inputs(device, b=2, nq=37, h=3, n=16):
