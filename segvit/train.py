@@ -1,18 +1,30 @@
 """Train SegViT with the original recipe, on one device or many (``torchrun``).
 
     python -m segvit.train --config NAME_OR_JSON --data DIR --work-dir DIR [--iters N] [--batch-size N]
-                           [--amp bf16|fp16] [--resume PATH]
+                           [--amp bf16|fp16] [--resume PATH|auto] [--max-keep-ckpts N]
     torchrun --nproc_per_node 8 -m segvit.train ...          # multi-GPU; add --nnodes/--node_rank for multi-node
 
 The recipe (``segvit.optim``): AdamW with the original's per-parameter rules, poly schedule with linear warm-up
 set every iteration, gradient clipping at L2 norm 35, the config's training pipeline (``segvit.data``). With
 several processes: DDP (find_unused_parameters as the original), a DistributedSampler (the batch size is per
 process, as ``samples_per_gpu``), the loss's mask count all-reduced inside ``SegViTLoss``. Every sample's
-augmentation is seeded by (seed, epoch, index), so a run's data do not depend on the number of processes or workers.
+augmentation is seeded by (seed, epoch, index) and computed with one intra-op thread, so a run's data do not
+depend on the number of processes or workers (bitwise).
 
 Work dir: ``log.jsonl`` (one JSON object per logged iteration: ``iter``, ``loss`` = the summed training loss, each
 loss term, ``lr`` (base group), ``grad_norm``, ``time``; per evaluation: ``iter``, ``mIoU``, ``aAcc``, ``mAcc``),
-``iter_N.pth`` and ``latest.pth`` (model, optimizer, scheduler, grad scaler, iteration, RNG state, config).
+``iter_N.pth`` (model, optimizer, scheduler, grad scaler, iteration, every RNG state of every process, data
+position, config), ``latest.pth`` (the newest ``iter_N.pth``: a hard link to it, replaced atomically) and, when
+evaluating, ``best_mIoU_iter_N.pth`` (the checkpoint with the highest mIoU so far, a full training state too).
+
+Nothing is lost and nothing is silent when the process dies anywhere (``segvit._atomic``): every checkpoint is
+written to a temporary file, fsynced and renamed into place; ``--resume auto`` continues from the newest
+checkpoint that loads (warning about each one it skips, and why); on resume at iteration N ``log.jsonl`` is cut
+back to the records of iterations <= N (rewritten atomically), so it holds each iteration once however many times
+the run was resumed, and the checkpoints past N (an abandoned continuation) are removed. A resumed run computes
+what the uninterrupted run would have, bitwise: RNG states (CPU, every CUDA device, ``random``, numpy), the
+position in the data order and the running log averages are part of the checkpoint; evaluation never draws from
+the training RNG. The final evaluation always runs, also when resuming a checkpoint at the last iteration.
 """
 from __future__ import annotations
 
@@ -21,16 +33,23 @@ import gc
 import json
 import math
 import os
-import shutil
+import random
+import re
 import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from segvit import _atomic
 from segvit.eval import load_config
+
+_ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
+_BEST_RE = re.compile(r"^best_mIoU_iter_(\d+)\.pth$")
+_REQUIRED = ("model", "optimizer", "scheduler", "scaler", "iteration")
 
 
 class _EpochBatches:
@@ -100,6 +119,182 @@ def _collate(items):
     return torch.stack(images), torch.stack(labels)
 
 
+class _OneThread(torch.utils.data.Dataset):
+    """Computes each sample with one intra-op thread in the main process (``--workers 0``), as in a DataLoader
+    worker (torch runs its workers with one thread): ATen's bilinear resize rounds differently with 1 and with N
+    threads, so the images otherwise depended on the number of workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self.dataset[index]
+        torch.set_num_threads(1)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # torch's default in workers; explicit, since the data's bits depend on it
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    """Every random state this process draws from: torch CPU, each CUDA device (where CUDA is in use), Python's
+    ``random`` and numpy's global generator (as tensors and plain values: loadable with ``weights_only``)."""
+    numpy = np.random.get_state(legacy=False)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"bit_generator": numpy["bit_generator"], "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+                       "pos": int(numpy["state"]["pos"]), "has_gauss": int(numpy["has_gauss"]),
+                       "gauss": float(numpy["gauss"])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(saved, rank: int, world: int, path: str) -> None:
+    if isinstance(saved, torch.Tensor):  # checkpoints before every state was saved: the CPU generator only
+        warnings.warn(f"{path} holds only the CPU random state: CUDA dropout, Python's and numpy's random "
+                      "numbers do not continue as in an uninterrupted run", stacklevel=3)
+        torch.set_rng_state(saved)
+        return
+    if len(saved) != world:
+        warnings.warn(f"{path} was saved by {len(saved)} processes, this run has {world}: process {rank} takes "
+                      f"the random state of process {rank % len(saved)}", stacklevel=3)
+    state = saved[rank % len(saved)]
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            warnings.warn(f"{path} holds the random states of {len(state['cuda'])} CUDA devices, this process "
+                          f"sees {torch.cuda.device_count()}: CUDA random numbers start afresh", stacklevel=3)
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": numpy["bit_generator"], "has_gauss": numpy["has_gauss"],
+                         "gauss": numpy["gauss"],
+                         "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]}})
+
+
+def _is_weights(obj: dict) -> bool:
+    inner = obj.get("state_dict", obj.get("model", obj))
+    return isinstance(inner, dict) and bool(inner) and all(isinstance(v, torch.Tensor) for v in inner.values())
+
+
+def load_training_state(path: str) -> dict:
+    """The training state of a ``segvit.train`` checkpoint (for ``--resume``), or an error naming the file and
+    saying what it is instead."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {path}: no such file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise RuntimeError(f"--resume {path}: the file is empty (0 bytes), what an interrupted write leaves; "
+                           "resume from an earlier checkpoint, or pass --resume auto to take the newest that loads")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"--resume {path}: not a complete checkpoint ({size} bytes; {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}): truncated or damaged, e.g. by an "
+                           "interrupted write; resume from an earlier checkpoint, or pass --resume auto to take "
+                           "the newest that loads") from exc
+    if not isinstance(state, dict):
+        raise TypeError(f"--resume {path}: expected a segvit.train checkpoint (a dict), got {type(state).__name__}")
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        if _is_weights(state):
+            raise ValueError(
+                f"--resume {path}: these are a model's weights (a state dict), not a segvit.train checkpoint: "
+                f"resuming needs the optimizer, schedule and iteration as well (missing: {', '.join(missing)}). To "
+                f"train from these weights, pass a ViT backbone as --pretrained {path}; to load a whole model, "
+                f"use segvit.load_checkpoint(model, {path!r}) or segvit.build_model(cfg, checkpoint={path!r}).")
+        raise ValueError(f"--resume {path}: not a segvit.train checkpoint: it lacks {', '.join(missing)} "
+                         f"(its keys: {', '.join(sorted(map(str, state))[:10])})")
+    return state
+
+
+def _numbered(work_dir: str) -> list[tuple[int, str, str]]:
+    """(iteration, kind "iter"|"best", path) of the work dir's checkpoints, the newest first."""
+    out = []
+    for name in os.listdir(work_dir):
+        for kind, pattern in (("iter", _ITER_RE), ("best", _BEST_RE)):
+            match = pattern.match(name)
+            if match:
+                out.append((int(match.group(1)), kind, os.path.join(work_dir, name)))
+    return sorted(out, key=lambda t: (-t[0], t[1] != "iter"))
+
+
+def find_resume_checkpoint(work_dir: str) -> tuple[str | None, dict | None]:
+    """``--resume auto``: the newest checkpoint of the work dir that loads (``iter_N.pth``, ``best_mIoU_iter_N.pth``,
+    then ``latest.pth``) and its state; each one skipped gets a warning naming it and why. (None, None) if none."""
+    if not os.path.isdir(work_dir):
+        return None, None
+    candidates = [path for _, _, path in _numbered(work_dir)] + [os.path.join(work_dir, "latest.pth")]
+    failed = set()
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        inode = os.stat(path).st_ino
+        if inode in failed:  # latest.pth: a link to a file already skipped
+            continue
+        try:
+            return path, load_training_state(path)
+        except Exception as exc:
+            failed.add(inode)
+            warnings.warn(f"--resume auto: skipping {path}: {exc}", stacklevel=2)
+    return None, None
+
+
+def _iteration_of(path: str, numbered: list[tuple[int, str, str]]) -> int | None:
+    """The iteration of a checkpoint file (the one it is a link of, else read lazily); None if it does not load."""
+    for iteration, _, other in numbered:
+        try:
+            if os.path.samefile(path, other):
+                return iteration
+        except OSError:
+            pass
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+    except Exception:
+        return None
+
+
+def _prepare_work_dir(work_dir: str, start: int, resumed: str | None, auto: bool, log_path: str) -> list[dict]:
+    """Make the work dir that of a run at iteration ``start``: stray temporaries removed, checkpoints past ``start``
+    (a continuation being replaced, or unreadable) removed, ``log.jsonl`` cut back to ``start`` (atomically).
+    Returns the log's records kept."""
+    stale = _atomic.remove_stale_temporaries(work_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of interrupted writes from {work_dir}: {', '.join(stale)}")
+    numbered = _numbered(work_dir)
+    latest = os.path.join(work_dir, "latest.pth")
+    if resumed is None and not auto and (numbered or os.path.exists(latest)):
+        names = ", ".join(os.path.basename(p) for _, _, p in numbered[:5]) or "latest.pth"
+        raise FileExistsError(f"{work_dir} already holds the checkpoints of a run ({names}): pass --resume auto to "
+                              "continue it, or choose an empty --work-dir to start another")
+    past = [(p, "past that iteration") for it, _, p in numbered if it > start]
+    if os.path.exists(latest) and (resumed is None or not os.path.samefile(latest, resumed)):
+        at = _iteration_of(latest, numbered)
+        if at is None or at > start:
+            past.append((latest, "past that iteration" if at is not None else "it does not load"))
+    for path, why in past:
+        warnings.warn(f"starting at iteration {start}: removed {path}, {why} (a continuation this run replaces)",
+                      stacklevel=3)
+        _atomic.remove(path)
+    records = _atomic.read_jsonl(log_path)
+    kept = [r for r in records if r.get("iter", 0) <= start]
+    if kept != records or (os.path.exists(log_path) and not records):
+        _atomic.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept), "log")
+    return kept
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m segvit.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="published model name or JSON config file")
@@ -109,7 +304,12 @@ def main(argv=None) -> dict:
                         help="default: the config's runner.max_iters; the poly schedule ends here")
     parser.add_argument("--batch-size", type=int, default=None, help="per process; default samples_per_gpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default fp32)")
-    parser.add_argument("--resume", default=None, help="a checkpoint of this script (.pth) to continue from")
+    parser.add_argument("--resume", default=None,
+                        help="a checkpoint of this script (.pth) to continue from, or 'auto': the newest checkpoint "
+                             "of --work-dir that loads (none: start from the beginning)")
+    parser.add_argument("--max-keep-ckpts", type=int, default=None,
+                        help="keep only the newest N iter_N.pth (latest.pth and the best checkpoint always stay); "
+                             "default: all")
     parser.add_argument("--pretrained", default=None, help="local ViT weights (timm or mmseg format)")
     parser.add_argument("--eval-interval", type=int, default=None,
                         help="default: the config's evaluation.interval, else 4000; 0: no evaluation")
@@ -121,6 +321,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--disable-dropout", action="store_true", help="all dropout off (reproducibility checks)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_keep_ckpts is not None and args.max_keep_ckpts < 1:
+        parser.error("--max-keep-ckpts must be at least 1")
 
     import segvit
     from segvit.data import build_dataset, eval_pipeline
@@ -147,8 +349,22 @@ def main(argv=None) -> dict:
 
     cfg = load_config(args.config)
     os.makedirs(args.work_dir, exist_ok=True)
+    auto = args.resume == "auto"
+    resume_path, state = None, None
+    if auto:  # one process looks, all load what it found
+        found = [find_resume_checkpoint(args.work_dir)[0] if main_process else None]
+        if distributed:
+            dist.broadcast_object_list(found)
+        resume_path = found[0]
+        if resume_path is None and main_process:
+            print(f"--resume auto: no checkpoint in {args.work_dir} loads: starting from the beginning")
+    elif args.resume:
+        resume_path = args.resume
+    if resume_path is not None:
+        state = load_training_state(resume_path)
+
     model = segvit.build_model(cfg["model"])
-    pretrained = None if args.resume else _pretrained(cfg, args.pretrained)
+    pretrained = None if state is not None else _pretrained(cfg, args.pretrained)
     if pretrained:
         ignored = load_pretrained_backbone(model, pretrained)
         if main_process:
@@ -164,15 +380,21 @@ def main(argv=None) -> dict:
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype == torch.float16)
     clip = (cfg.get("optimizer_config") or {}).get("grad_clip") or {"max_norm": 35, "norm_type": 2}
     start = 0
-    if args.resume:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start = state["iteration"]
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except Exception as exc:
+            raise RuntimeError(f"--resume {resume_path}: the checkpoint does not fit this run's model, optimizer or "
+                               f"schedule (another --config?): {exc}") from exc
+        start = int(state["iteration"])
+        if start > max_iters:
+            raise ValueError(f"--resume {resume_path}: the checkpoint is at iteration {start}, past --iters "
+                             f"{max_iters}")
         if main_process:
-            print(f"resumed from {args.resume} at iteration {start}")
+            print(f"resumed from {resume_path} at iteration {start}")
     net = model
     if distributed:
         net = nn.parallel.DistributedDataParallel(
@@ -184,34 +406,92 @@ def main(argv=None) -> dict:
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     workers = cfg["data"].get("workers_per_gpu", 2) if args.workers is None else args.workers
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_EpochBatches(sampler, batch_size, start),
-                                         num_workers=workers, collate_fn=_collate,
-                                         pin_memory=device.startswith("cuda"))
+    batch_sampler = _EpochBatches(sampler, batch_size, start)
+    data_order = {"seed": args.seed, "world": world, "batch_size": batch_size, "samples": len(dataset),
+                  "batches_per_epoch": batch_sampler.per_epoch}
+    if state is not None and state.get("data", {}).get("order", data_order) != data_order:
+        warnings.warn(f"--resume {resume_path}: the data order differs from the interrupted run's "
+                      f"({state['data']['order']} then, {data_order} now): the batches after iteration {start} are "
+                      "not those an uninterrupted run would have seen", stacklevel=2)
+    loader = torch.utils.data.DataLoader(_OneThread(dataset) if workers == 0 else dataset,
+                                         batch_sampler=batch_sampler, num_workers=workers, collate_fn=_collate,
+                                         worker_init_fn=_worker_init, pin_memory=device.startswith("cuda"))
     val_split = "val" if "val" in cfg["data"] else "test"
     val_dataset = build_dataset(cfg, val_split, args.data)
     val_pipeline = eval_pipeline(cfg, val_split)
     eval_interval, ckpt_interval = _intervals(cfg, args, max_iters)
     log_interval = args.log_interval or cfg.get("log_config", {}).get("interval", 50)
     log_path = os.path.join(args.work_dir, "log.jsonl")
+    latest_path = os.path.join(args.work_dir, "latest.pth")
+
+    kept = _prepare_work_dir(args.work_dir, start, resume_path, auto, log_path) if main_process else []
+    logged_evals = {r["iter"]: r for r in kept if "mIoU" in r}
+    best = max(((r["mIoU"], r["iter"]) for r in logged_evals.values() if math.isfinite(r["mIoU"])),
+               default=(-math.inf, None))
+    # The iteration whose state the work dir's iter_N.pth holds (the best checkpoint links it rather than saving anew).
+    resumed_in_place = os.path.join(args.work_dir, f"iter_{start}.pth")
+    saved_at = start if main_process and resume_path is not None and os.path.exists(resumed_in_place) and \
+        os.path.samefile(resume_path, resumed_in_place) else None
 
     def log(record: dict) -> None:
         if main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def save(iteration: int) -> None:
+    def training_state(iteration: int, sums: dict, count: int) -> dict | None:
+        """The checkpoint at ``iteration``: on the main process (None elsewhere); every process takes part."""
+        rng = [_rng_state()]
+        if distributed:
+            rng = [None] * world
+            dist.all_gather_object(rng, _rng_state())
         if not main_process:
-            return
-        path = os.path.join(args.work_dir, f"iter_{iteration}.pth")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
-                    "rng": torch.get_rng_state(), "config": cfg}, path)
-        shutil.copyfile(path, os.path.join(args.work_dir, "latest.pth"))
+            return None
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
+                "rng": rng, "data": {"order": data_order, "epoch": iteration // batch_sampler.per_epoch,
+                                     "batch": iteration % batch_sampler.per_epoch},
+                "log_window": {"sums": dict(sums), "count": count}, "config": cfg}
 
-    def run_eval(iteration: int) -> dict:
-        results = evaluate(model, val_dataset, val_pipeline, device=device, dtype=amp_dtype,
-                           progress=not args.no_progress)
+    def save(iteration: int, checkpoint: dict) -> None:
+        if os.path.exists(log_path):  # the log up to the checkpoint is on disk before the checkpoint is
+            with open(log_path, "rb+") as f:
+                os.fsync(f.fileno())
+        path = os.path.join(args.work_dir, f"iter_{iteration}.pth")
+        _atomic.atomic_save(checkpoint, path, "ckpt")
+        _atomic.atomic_link(path, latest_path, "latest")
+        if args.max_keep_ckpts:
+            older = [p for it, kind, p in _numbered(args.work_dir) if kind == "iter" and it <= iteration]
+            for p in older[args.max_keep_ckpts:]:
+                if not os.path.samefile(p, latest_path):
+                    _atomic.remove(p)
+
+    def run_eval(iteration: int, sums: dict, count: int) -> dict:
+        nonlocal best
+        # Evaluation never draws from the training generators: a run resumed after it continues bitwise.
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        cuda = [torch.device(device)] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda):
+            results = evaluate(model, val_dataset, val_pipeline, device=device, dtype=amp_dtype,
+                               progress=not args.no_progress)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
         record = {"iter": iteration, "mode": "val", **summary(results)}
+        # (is it the best so far, is there no iter_N.pth of this state to link): decided once, for every process
+        decision = (main_process and math.isfinite(record["mIoU"]) and record["mIoU"] > best[0], saved_at != iteration)
+        if distributed:
+            decision = _broadcast(decision)
+        if decision[0]:  # the best checkpoint is replaced before the record is logged: a logged best is saved
+            checkpoint = training_state(iteration, sums, count) if decision[1] else None
+            if main_process:
+                path = os.path.join(args.work_dir, f"best_mIoU_iter_{iteration}.pth")
+                if checkpoint is None:
+                    _atomic.atomic_link(os.path.join(args.work_dir, f"iter_{iteration}.pth"), path, "best")
+                else:
+                    _atomic.atomic_save(checkpoint, path, "best")
+                for _, kind, other in _numbered(args.work_dir):
+                    if kind == "best" and other != path:
+                        _atomic.remove(other)
+            best = (record["mIoU"], iteration)
         log(record)
         if main_process:
             tqdm.write(json.dumps(record))
@@ -219,12 +499,20 @@ def main(argv=None) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    sums: dict[str, float] = {}
-    count, tick, last_eval = 0, time.perf_counter(), None
+    window = (state or {}).get("log_window", {"sums": {}, "count": 0})
+    sums: dict[str, float] = dict(window["sums"])
+    count, tick = int(window["count"]), time.perf_counter()
     bar = tqdm(total=max_iters, initial=start, desc="train", disable=args.no_progress or not main_process)
     batches = iter(loader)  # draws a worker seed from torch's RNG: before the state is restored
-    if args.resume and "rng" in state:  # dropout and drop-path masks continue as in an uninterrupted run
-        torch.set_rng_state(state["rng"])
+    if state is not None and "rng" in state:  # dropout and drop-path masks continue as in an uninterrupted run
+        _set_rng_state(state["rng"], rank, world, resume_path)
+    del state
+    is_eval = lambda it: bool(eval_interval) and (it % eval_interval == 0 or it == max_iters)  # noqa: E731
+    if distributed:
+        logged_evals = {k: True for k in _broadcast(list(logged_evals))}
+    last_eval = logged_evals.get(max_iters) if main_process else None
+    if start > 0 and is_eval(start) and start not in logged_evals:  # killed during (or before) that evaluation
+        last_eval = run_eval(start, sums, count)
     for iteration in range(start, max_iters):
         schedule.set_iter(iteration)
         images, labels = next(batches)
@@ -261,9 +549,15 @@ def main(argv=None) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             sums, count, tick = {}, 0, now
         if done % ckpt_interval == 0 or done == max_iters:
-            save(done)
-        if eval_interval and (done % eval_interval == 0 or done == max_iters):
-            last_eval = run_eval(done)
+            checkpoint = training_state(done, sums, count)
+            if main_process:
+                save(done, checkpoint)
+            saved_at = done
+            del checkpoint
+        if is_eval(done):
+            last_eval = run_eval(done, sums, count)
+        _atomic.count("step")
+        _atomic.fault_point("step", "end")  # test-only (segvit._atomic): a kill between iterations
     bar.close()
     if distributed:
         # DDP's reducer holds the gloo/nccl process group: if it outlives destroy_process_group, the group's worker
@@ -273,7 +567,14 @@ def main(argv=None) -> dict:
         del net, batches
         gc.collect()
         dist.destroy_process_group()
-    return {"iterations": max_iters, "eval": last_eval, "work_dir": args.work_dir}
+    return {"iterations": max_iters, "eval": last_eval, "work_dir": args.work_dir, "resumed_from": resume_path,
+            "start": start}
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box)
+    return box[0]
 
 
 def cli() -> None:
