@@ -102,6 +102,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--check-data", action="store_true",
+                        help="first check every image and label (as python -m segvit.data check) and stop, listing "
+                             "the bad files, if any is bad")
     args = parser.parse_args(argv)
 
     import segvit
@@ -117,9 +120,13 @@ def main(argv=None) -> dict:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     cfg = load_config(args.config)
+    dataset = build_dataset(cfg, args.split, args.data)
+    if args.check_data:  # every process checks all of it, so all stop together
+        from segvit.data import check_dataset
+
+        check_dataset({args.split: dataset}, raise_errors=True, progress=not distributed or dist.get_rank() == 0)
     model = segvit.build_model(cfg["model"], checkpoint=args.checkpoint)  # original, or segvit.train's "model"
     segvit.apply_fused_kernels(model).to(device)
-    dataset = build_dataset(cfg, args.split, args.data)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
     results = evaluate(model, dataset, eval_pipeline(cfg, args.split), mode=args.mode, aug_test=args.aug_test,
                        device=device, dtype=dtype)

@@ -63,7 +63,8 @@ def _image_size(path: str, full: bool, problems: list, what: str) -> tuple[int, 
                 im.load()
         return size
     except Exception as e:  # noqa: BLE001 - every reason a file cannot be read is a finding
-        problems.append(DataProblem(path, f"unreadable {what} ({_error(e)})"))
+        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
+        problems.append(DataProblem(path, f"{kind} {what} ({_error(e)})"))
         return None
 
 

@@ -50,7 +50,8 @@ LABEL_MODES = ("L", "P", "1", "I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _open_error(path: str, e: Exception) -> DataError:
-    kind = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+    kind = ("missing" if isinstance(e, FileNotFoundError) else "truncated" if "truncated" in str(e).lower() else
+            "unreadable")
     return DataError(f"{path}: {kind} ({type(e).__name__}: {e})", path)
 
 
