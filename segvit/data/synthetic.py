@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m segvit.data",
-                                     description="Write a synthetic dataset in the ADE20K layout.")
+                                     description="Write a synthetic dataset in the ADE20K layout.",
+                                     epilog="python -m segvit.data check ROOT: check a dataset instead (--help there)")
     parser.add_argument("root")
     parser.add_argument("--num-train", type=int, default=16)
     parser.add_argument("--num-val", type=int, default=4)
