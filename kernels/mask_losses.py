@@ -248,14 +248,20 @@ if triton is not None:
         ok = pix < HW
         pix = tl.minimum(pix, HW - 1)
         yy = pix // Wl
-        y0, ly0, ly1 = _lerp_taps(yy, h, Hl, scale_h)
-        x0, lx0, lx1 = _lerp_taps(pix - yy * Wl, w, Wl, scale_w)
+        xx = pix - yy * Wl
+        # Loads at (y0, y0 + 1) x (x0, x0 + 1) (``_lerp_taps``: immediate offsets), weighted as ATen's taps (i0, i1,
+        # l0, l1) of ``bilinear_taps``: where ATen's two taps are the same element (the last index, or in == out) both
+        # weights go to it, so a non-finite neighbour never enters through a zero weight ATen does not have (0 * inf
+        # would make the pixel NaN where eager's is finite).
+        y0, _, _ = _lerp_taps(yy, h, Hl, scale_h)
+        x0, _, _ = _lerp_taps(xx, w, Wl, scale_w)
+        ty0, ty1, ly0, ly1 = bilinear_taps(yy, h, Hl, scale_h)
+        tx0, tx1, lx0, lx1 = bilinear_taps(xx, w, Wl, scale_w)
+        a_x0 = tx0 == x0  # ATen's first x tap is the first load, else the second (x0 + 1)
+        a_x1 = tx1 == x0
+        a_y0 = ty0 == y0
+        a_y1 = ty1 == y0
         o00 = y0 * w + x0
-        w00 = ly0 * lx0
-        w01 = ly0 * lx1
-        w10 = ly1 * lx0
-        w11 = ly1 * lx1
-        bias = tl.where(ok, 0.0, -1e30)  # pixels past the end: every term exactly 0
         labels = tl.load(labels_ptr + b.to(tl.int64) * HW + pix)
         labels = tl.where(ok & (labels >= 0) & (labels < K), labels, -1).to(tl.int32)
         dy = tl.minimum(h - 1, 1) * w
@@ -270,10 +276,16 @@ if triton is not None:
             v01 = tl.load(ptr0 + WIDE).to(tl.float32)  # WIDE = (w > 1): an immediate offset
             v10 = tl.load(ptr1).to(tl.float32)
             v11 = tl.load(ptr1 + WIDE).to(tl.float32)
-            p = bias + w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+            top = lx0 * tl.where(a_x0, v00, v01) + lx1 * tl.where(a_x1, v00, v01)  # row y0
+            bottom = lx0 * tl.where(a_x0, v10, v11) + lx1 * tl.where(a_x1, v10, v11)  # row y0 + 1
+            p = ly0 * tl.where(a_y0, top, bottom) + ly1 * tl.where(a_y1, top, bottom)
+            p = tl.where(ok, p, -1e30)  # pixels past the end: every term exactly 0 (whatever the clamped loads)
             t = labels == c
             s, q, omq, ce2, qg = _pixel_terms(p, t, GAMMA)
             focal = tl.where(t, a_pos, a_neg) * qg * ce2
+            # Eager's BCEWithLogits at an infinite logit: NaN, except +inf on a negative (inf; see
+            # csrc/common/mask_loss_math.h, eager_focal_is_nan).
+            focal = tl.where((p == float("-inf")) | (t & (p == float("inf"))), float("nan"), focal)
             f, i, s_sum = tl.reduce((focal, tl.where(t, s, 0.0), s), 0, _add3)
             out = partial_ptr + (pair * num_tiles + tile) * 3  # int32: B K tiles 3 << 2**31
             tl.store(out + 0, f)

@@ -38,7 +38,9 @@ class SegViTLoss(nn.Module):
         self.ignore_index = ignore_index
         self.weights = {"loss_ce": cls_weight * loss_weight, "loss_mask": mask_weight * loss_weight,
                         "loss_dice": dice_weight * loss_weight}
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        # Checked here, not first in the forward: alpha in [0, 1] or negative (no class weighting), gamma >= 0.
+        self.focal_alpha = _checks.focal_alpha("focal_alpha", focal_alpha)
+        self.focal_gamma = _checks.focal_gamma("focal_gamma", focal_gamma)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)

@@ -10,10 +10,13 @@
 // significant bits, so n * ln2_hi and x - n * ln2_hi are exact for |n| <= 127 without an FMA), exp(r) by its
 // degree-7 Taylor polynomial (truncation error < 6e-9 relative) and 2^n assembled in the exponent bits. Relative
 // error ~1-2 float ulp over [-87, 88] (tests/test_cpp_mask_losses.py and the attention tests check it against
-// float64). x is clamped to [-87, 88]: below, exp(-87) ~ 1.6e-38 is returned instead of a denormal or 0 (no
-// denormal slow path; such values are below any float32 use of a probability), above, exp(88) instead of inf.
-// NaN propagates (every clamp is a comparison that is false for NaN, and 2^n is assembled from float bits, with no
-// float-to-int conversion that could see NaN).
+// float64). The polynomial runs on x clamped to [-87, 88] (so 2^n stays a normal float); two selects on the
+// unclamped x then give the IEEE ends, as expf and torch.exp: 0 for x < -87 (exp(-inf) = 0, so a softmax row whose
+// logits are all -inf sums to 0 and gives NaN as eager does; the denormal range, below 1.6e-38, is flushed to 0:
+// no denormal slow path, and no float32 use of a probability can tell it apart) and inf for x > 88.7228 (ln of the
+// largest float: exp(inf) = inf); in (88, 88.7228] exp(88) is returned. NaN propagates: every comparison is false
+// for NaN, the polynomial of a NaN is NaN, and 2^n is assembled from float bits with no float-to-int conversion.
+// The selects are branch-free blends after the polynomial (they vectorize; a branch per element would not).
 #pragma once
 
 #include <cstdint>
@@ -60,8 +63,8 @@ SEGVIT_HOST_DEVICE SEGVIT_INLINE int32_t float_bits(float f) {
 }
 
 SEGVIT_HOST_DEVICE SEGVIT_INLINE float fast_exp(float x) {
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
+  // Only the top is clamped: below -87 (-inf included) the polynomial's result, whatever it is, is replaced by 0.
+  const float xc = x > 88.0f ? 88.0f : x;
   // Round to nearest by adding and removing 1.5 * 2^23 (|x / ln 2| < 2^22): floorf/rintf would keep GCC from
   // vectorizing (it inlines them as one instruction only under -fno-trapping-math). An FMA contraction of the
   // first step (nvcc -fmad) still yields an integer.
@@ -82,7 +85,10 @@ SEGVIT_HOST_DEVICE SEGVIT_INLINE float fast_exp(float x) {
   // new exponent field, + 127 its bias. No float-to-int conversion and no clamp of n: either made GCC if-convert
   // the whole function into compare-and-blend chains (3-4x slower under AVX2). For a NaN x, p is NaN already.
   const uint32_t pow2_bits = (static_cast<uint32_t>(float_bits(shifted)) + 127u) << 23;
-  return p * float_from_bits(static_cast<int32_t>(pow2_bits));  // 2^n, a normal float
+  float y = p * float_from_bits(static_cast<int32_t>(pow2_bits));  // 2^n, a normal float
+  y = x < -87.0f ? 0.0f : y;
+  y = x > 88.72283935546875f ? float_from_bits(0x7f800000) : y;  // +inf
+  return y;
 }
 
 }  // namespace segvit

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segvit import ops
-from segvit.models.layers import trunc_normal_
+from segvit.models.layers import ConfigCheck, trunc_normal_
 from segvit.models.vit import Tokens
 
 
@@ -100,6 +100,27 @@ class DecoderStage(nn.Module):
         return per_layer
 
 
+def check_head_config(in_channels, num_classes, img_size, embed_dims, num_layers, num_heads, use_stages,
+                      use_proj) -> ConfigCheck:
+    """Build-time checks shared by both heads; errors name the config key (``model.decode_head.<key>``)."""
+    from segvit.ops.atm_attention import MAX_HEAD_DIM
+
+    c = ConfigCheck("model.decode_head")
+    c.integer("in_channels", in_channels)
+    c.integer("num_classes", num_classes)
+    c.integer("img_size", img_size)
+    c.integer("embed_dims", embed_dims)
+    c.integer("num_layers", num_layers)
+    c.heads("num_heads", num_heads, "embed_dims", embed_dims, MAX_HEAD_DIM)
+    c.integer("use_stages", use_stages)
+    if not isinstance(use_proj, bool):
+        raise TypeError(f"model.decode_head.use_proj: expected a bool, got {use_proj!r}")
+    if not use_proj and in_channels != embed_dims:
+        raise ValueError(f"model.decode_head.embed_dims: expected in_channels={in_channels} with use_proj=False (the "
+                         f"features are attended without a projection), got {embed_dims}")
+    return c
+
+
 def init_head_weights(head: nn.Module) -> None:
     """The original heads' init: trunc-normal(0.02) Linear weights (the attention output projections included),
     zero biases, LayerNorm 1/0; ``in_proj_weight`` keeps xavier, embeddings keep N(0, 1)."""
@@ -132,6 +153,7 @@ class ATMHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, img_size: int, embed_dims: int = 768,
                  num_layers: int = 3, num_heads: int = 8, use_stages: int = 3, use_proj: bool = True):
         super().__init__()
+        check_head_config(in_channels, num_classes, img_size, embed_dims, num_layers, num_heads, use_stages, use_proj)
         self.num_classes = num_classes
         self.img_size = img_size
         self.use_stages = use_stages

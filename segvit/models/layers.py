@@ -27,3 +27,61 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class ConfigCheck:
+    """Build-time validation of a module's configuration: every error names the config key (``where.key``, e.g.
+    ``model.backbone.num_heads``) and the values, before any parameter is made (a bad config would otherwise build
+    and fail in its first forward with a raw reshape or kernel error)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def _fail(self, key: str, expected: str, value, exc=ValueError):
+        raise exc(f"{self.where}.{key}: expected {expected}, got {value!r}")
+
+    def integer(self, key: str, value, minimum: int = 1) -> int:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._fail(key, expected, value, TypeError)
+        if value < minimum:
+            self._fail(key, expected, value)
+        return value
+
+    def pair(self, key: str, value) -> tuple[int, int]:
+        """Two positive ints (or one, for both)."""
+        expected = "a positive int or two positive ints (H, W)"
+        items = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+        try:
+            h, w = items
+        except (TypeError, ValueError):
+            self._fail(key, expected, value, TypeError)
+        for v in (h, w):
+            if isinstance(v, bool) or not isinstance(v, int):
+                self._fail(key, expected, value, TypeError)
+            if v <= 0:
+                self._fail(key, expected, value)
+        return h, w
+
+    def number(self, key: str, value, low: float, high: float, *, low_open=False, high_open=False) -> float:
+        import math
+
+        expected = (f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                    .replace("inf]", "inf)"))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(key, expected, value, TypeError)
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+        if not ok:
+            self._fail(key, expected, value)
+        return float(value)
+
+    def heads(self, key: str, num_heads, dims_key: str, dims: int, max_head_dim: int | None = None) -> int:
+        """``num_heads`` a positive int dividing ``dims`` (and, if given, dims / num_heads <= max_head_dim)."""
+        num_heads = self.integer(key, num_heads)
+        if dims % num_heads:
+            raise ValueError(f"{self.where}.{key}: expected a positive int dividing {dims_key}={dims}, got {num_heads}")
+        if max_head_dim is not None and dims // num_heads > max_head_dim:
+            raise ValueError(f"{self.where}.{key}: head dim {dims_key} / {key} = {dims} / {num_heads} = "
+                             f"{dims // num_heads} exceeds {max_head_dim}, the most the ATM attention supports")
+        return num_heads

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from segvit.models.atm_head import DecoderLayer, DecoderStage, head_outputs, init_head_weights, similarity_to_masks
+from segvit.models.atm_head import (DecoderLayer, DecoderStage, check_head_config, head_outputs, init_head_weights,
+                                    similarity_to_masks)
 from segvit.models.vit import Tokens
 
 
@@ -36,6 +37,12 @@ class ShrunkHead(nn.Module):
                  num_layers: int = 3, num_heads: int = 8, use_stages: int = 2, use_proj: bool = True,
                  shrink_ratio: int = 16):
         super().__init__()
+        c = check_head_config(in_channels, num_classes, img_size, embed_dims, num_layers, num_heads, use_stages,
+                              use_proj)
+        c.integer("shrink_ratio", shrink_ratio)
+        if img_size < shrink_ratio:
+            raise ValueError(f"model.decode_head.shrink_ratio: expected at most img_size={img_size} (the query grid "
+                             f"is img_size // shrink_ratio per side), got {shrink_ratio}")
         self.num_classes = num_classes
         self.img_size = img_size
         self.use_stages = use_stages

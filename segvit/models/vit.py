@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segvit import ops
-from segvit.models.layers import DropPath, trunc_normal_
+from segvit.models.layers import ConfigCheck, DropPath, trunc_normal_
 
 Tokens = tuple[torch.Tensor, tuple[int, int]]  # (B, L, C) tokens with their (h, w) grid, row-major
 
@@ -111,6 +111,9 @@ class VisionTransformer(nn.Module):
                  drop_path_rate=0.0, norm_eps=1e-6, final_norm=False, interpolate_mode="bicubic",
                  shrink_idx: int | None = None):
         super().__init__()
+        self._check_config(img_size, patch_size, in_channels, embed_dims, num_layers, num_heads, mlp_ratio,
+                           out_indices, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, interpolate_mode,
+                           shrink_idx)
         self.img_size = tuple(img_size)
         self.patch_size = patch_size
         self.embed_dims = embed_dims
@@ -128,6 +131,43 @@ class VisionTransformer(nn.Module):
             for i in range(num_layers))
         self.norm = nn.LayerNorm(embed_dims, eps=norm_eps) if final_norm else None
         self.init_weights()
+
+    @staticmethod
+    def _check_config(img_size, patch_size, in_channels, embed_dims, num_layers, num_heads, mlp_ratio, out_indices,
+                      drop_rate, attn_drop_rate, drop_path_rate, norm_eps, interpolate_mode, shrink_idx) -> None:
+        """Errors name the config key (``model.backbone.<key>``) and its value."""
+        c = ConfigCheck("model.backbone")
+        size = c.pair("img_size", img_size)
+        patch = c.integer("patch_size", patch_size)
+        if min(size) < patch:
+            raise ValueError(f"model.backbone.img_size: expected at least patch_size={patch} on each side, got "
+                             f"{img_size!r}")
+        c.integer("in_channels", in_channels)
+        c.integer("embed_dims", embed_dims)
+        c.integer("num_layers", num_layers)
+        c.heads("num_heads", num_heads, "embed_dims", embed_dims)
+        c.number("mlp_ratio", mlp_ratio, 0, float("inf"), low_open=True)
+        if int(embed_dims * mlp_ratio) < 1:
+            raise ValueError(f"model.backbone.mlp_ratio: embed_dims * mlp_ratio = {embed_dims} * {mlp_ratio} gives "
+                             f"no hidden unit")
+        for key, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                          ("drop_path_rate", drop_path_rate)):
+            c.number(key, rate, 0, 1, high_open=True)
+        c.number("norm_cfg.eps", norm_eps, 0, float("inf"), low_open=True)
+        indices = list(out_indices)
+        if not indices:
+            raise ValueError(f"model.backbone.out_indices: expected at least one block index, got {out_indices!r}")
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
+                raise ValueError(f"model.backbone.out_indices: expected block indices in [-{num_layers}, "
+                                 f"{num_layers}) (num_layers={num_layers}), got {out_indices!r}")
+        if interpolate_mode not in ("bilinear", "bicubic"):
+            raise ValueError(f"model.backbone.interpolate_mode: expected 'bilinear' or 'bicubic', got "
+                             f"{interpolate_mode!r}")
+        if shrink_idx is not None:
+            if isinstance(shrink_idx, bool) or not isinstance(shrink_idx, int) or not 0 <= shrink_idx < num_layers:
+                raise ValueError(f"model.backbone.shrink_idx: expected a block index in [0, {num_layers}) "
+                                 f"(num_layers={num_layers}), got {shrink_idx!r}")
 
     def init_weights(self) -> None:
         """mmseg's ViT init (used when no pretrained weights are loaded)."""

@@ -1,6 +1,9 @@
 """Input validation shared by the ops: each failure names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from segvit.ops import _autocast
@@ -41,14 +44,72 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None
                                " (mixed dtypes are cast only inside torch.autocast)"))
 
 
+def integer(name: str, value, *, minimum: int | None = 1, what: str = "") -> int:
+    """An integer argument, the same check on every backend: a Python int (or an integral type with
+    ``__index__``, e.g. a numpy integer or a SymInt), never a bool or a float, not even an integral float (as
+    ``F.interpolate`` refuses a float ``size``); at least ``minimum`` unless that is None. Returns it as an int."""
+    expected = what or ("an int" if minimum is None else "a positive int" if minimum == 1 else f"an int >= {minimum}")
+    if isinstance(value, bool) or not (isinstance(value, int) or _is_index(value)):
+        raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+    value = value if isinstance(value, int) else operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def _is_index(value) -> bool:
+    # Integral types other than int (numpy integers, torch.SymInt) define __index__; floats, tensors of a float
+    # dtype and bools do not pass (a bool is an int subclass, refused above).
+    if isinstance(value, (float, torch.Tensor)):
+        return False
+    return hasattr(type(value), "__index__")
+
+
 def size_pair(name: str, size) -> tuple[int, int]:
+    """Two positive ints (H, W): a float (``(5.5, 7)``, even ``7.0``) or a bool is an error, never truncated."""
+    expected = "two positive ints (H, W)"
     try:
-        h, w = (int(s) for s in size)
+        h, w = size
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected two positive ints (H, W), got {size!r}") from None
+        raise TypeError(f"{name}: expected {expected}, got {size!r}") from None
+    if isinstance(size, torch.Tensor):
+        raise TypeError(f"{name}: expected {expected} (a tuple or list), got a tensor")
+    for s in (h, w):
+        if isinstance(s, bool) or not (isinstance(s, int) or _is_index(s)):
+            raise TypeError(f"{name}: expected {expected}, got {size!r} ({type(s).__name__} {s!r})")
+    h, w = operator.index(h), operator.index(w)
     if h <= 0 or w <= 0:
-        raise ValueError(f"{name}: expected two positive ints (H, W), got {size!r}")
+        raise ValueError(f"{name}: expected {expected}, got {size!r}")
     return h, w
+
+
+def real(name: str, value, what: str) -> float:
+    """A real-number argument (int or float, not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(type(value), "__float__"):
+        raise TypeError(f"{name}: expected {what}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected {what} (a Python number), got a tensor")
+    return float(value)
+
+
+def focal_alpha(name: str, alpha) -> float:
+    """The focal loss's class weight: in [0, 1] (weight alpha of the targets, 1 - alpha of the negatives), or
+    negative to disable the weighting (both weights 1, the original's ``alpha = -1``). NaN, inf and values above 1
+    are errors (NaN would silently disable the weighting: ``NaN >= 0`` is false)."""
+    what = "a number in [0, 1], or negative (e.g. -1) to disable the class weighting"
+    alpha = real(name, alpha, what)
+    if not math.isfinite(alpha) or alpha > 1.0:
+        raise ValueError(f"{name}: expected {what}, got {alpha!r}")
+    return alpha
+
+
+def focal_gamma(name: str, gamma) -> float:
+    """The focal loss's focusing exponent: finite and >= 0."""
+    what = "a finite number >= 0"
+    gamma = real(name, gamma, what)
+    if not math.isfinite(gamma) or gamma < 0.0:
+        raise ValueError(f"{name}: expected {what}, got {gamma!r}")
+    return gamma
 
 
 # What the compiled extension's backends take: the device type and the dtypes of their kernels.

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from segvit.ops import _autocast
+from segvit.ops import _autocast, _second_order
 
 BACKENDS = ("eager", "triton", "cpp", "cuda")
 _CHOICES = ("auto",) + BACKENDS
@@ -78,6 +78,10 @@ def _triton_installed() -> bool:
 class Op:
     name: str
     kernels: dict[str, Kernel] = field(default_factory=dict)
+    # (args, kwargs of the call) -> why the fused backends cannot give second-order gradients of this call (a
+    # phrase completing "not supported on backend 'cpp' ..."), or None when the eager formula can
+    # (segvit/ops/_second_order.py).
+    second_order_refusal: Callable[..., str | None] | None = None
 
     def register(self, backend: str, fn: Callable, reasons: Callable[..., list[str]] | None = None, *,
                  auto: str = "yes", auto_note: str = "") -> None:
@@ -113,17 +117,24 @@ class Op:
             if reasons:
                 raise RuntimeError(f"segvit.ops.{self.name}: backend {_selected!r} cannot run these inputs: "
                                    + "; ".join(reasons))
-            return self.kernels[_selected].fn(*args, **kwargs)
+            return self._call(_selected, args, kwargs)
         for backend in _AUTO_ORDER.get(device.type, ("eager",)):
             if self.auto_skips(backend):
                 continue
             reasons = self.why_not(backend, *args, **kwargs)
             if not reasons:
-                return self.kernels[backend].fn(*args, **kwargs)
+                return self._call(backend, args, kwargs)
             # warnings.warn cannot be traced by torch.compile(fullgraph=True); an eager call warns as usual.
             if backend in self.kernels and not torch.compiler.is_compiling():
                 _warn_once(self.name, backend, reasons)
         raise AssertionError("unreachable: the eager kernel takes every valid input")
+
+    def _call(self, backend: str, args, kwargs):
+        result = self.kernels[backend].fn(*args, **kwargs)
+        if backend != "eager" and _second_order.needs_node(args, kwargs):
+            # Fused backwards are first order only: create_graph=True differentiates the eager formula instead.
+            result = _second_order.attach(self, backend, result, args, kwargs)
+        return result
 
 
 _warned: set[tuple[str, str]] = set()

@@ -70,6 +70,17 @@ def reference(q, k, v, *, scale=None, dropout_p=0.0):
 
 _OP.register("eager", eager)
 
+
+def _second_order_refusal(q, k, v, *, scale, dropout_p):
+    if dropout_p > 0:
+        return (f"with dropout_p={dropout_p} (the eager formula cannot replay the fused kernel's dropout keep "
+                f"mask; dropout_p=0 works on every backend)")
+    return None
+
+
+# Second-order gradients on the fused backends differentiate the eager formula (segvit/ops/_second_order.py).
+_OP.second_order_refusal = _second_order_refusal
+
 # Triton kernels (GPU; CPU under TRITON_INTERPRET=1): importing them never needs triton itself.
 from segvit.kernels import atm_attention as _triton  # noqa: E402
 
@@ -89,6 +100,7 @@ def _cpp_setup_context(ctx, inputs, output):
     q, k, v, scale, *dropout = inputs  # dropout_p, seed when given (the schema defaults them to 0.0, 0)
     out, sim, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
     ctx.dropout = tuple(dropout)
@@ -96,6 +108,8 @@ def _cpp_setup_context(ctx, inputs, output):
 
 def _cpp_backward(ctx, grad_out, grad_sim, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None and grad_sim is None:  # e.g. a create_graph backward, done by the eager formula instead
+        return (None,) * (4 + len(ctx.dropout))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_sim is None:

@@ -34,6 +34,9 @@ def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index
     and the losses stay float32 (the ``FLOAT32`` rule of segvit/ops/_autocast.py, as PyTorch's losses), whatever
     the logits' dtype.
 
+    ``alpha`` is in [0, 1], or negative (the original's ``alpha = -1``) for no class weighting (alpha_t = 1);
+    ``gamma`` is finite and >= 0; anything else (NaN, inf, alpha > 1, gamma < 0) is an error.
+
     ``check_labels=False`` skips the check of the label values (a min/max read back to the host, i.e. a device
     synchronisation per call): for a caller that has checked the same labels once already, as ``SegViTLoss`` does once
     per step for the main and every auxiliary output. Values outside [0, K) and ``ignore_index`` then give undefined
@@ -48,9 +51,12 @@ def mask_losses(mask_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index
     if labels.device != mask_logits.device:
         raise ValueError(f"labels: expected device {mask_logits.device} (as mask_logits), got {labels.device}")
     _checks.same("mask_logits", mask_logits.shape[0], "labels", labels.shape[0], "batch size")
+    ignore_index = _checks.integer("ignore_index", ignore_index, minimum=None)
+    alpha = _checks.focal_alpha("alpha", alpha)
+    gamma = _checks.focal_gamma("gamma", gamma)
     if check_labels:
         _checks.label_values("labels", labels, mask_logits.shape[1], ignore_index)
-    return _OP(mask_logits, labels, ignore_index=ignore_index, alpha=float(alpha), gamma=float(gamma))
+    return _OP(mask_logits, labels, ignore_index=ignore_index, alpha=alpha, gamma=gamma)
 
 
 def present_pairs(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:

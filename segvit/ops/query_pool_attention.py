@@ -52,10 +52,10 @@ def query_pool_attention(x: torch.Tensor, grid, in_proj_weight: torch.Tensor, in
         raise ValueError(f"in_proj_weight: expected shape {(3 * channels, channels)}, got {tuple(in_proj_weight.shape)}")
     if tuple(in_proj_bias.shape) != (3 * channels,):
         raise ValueError(f"in_proj_bias: expected shape {(3 * channels,)}, got {tuple(in_proj_bias.shape)}")
-    if not isinstance(num_heads, int) or num_heads <= 0 or channels % num_heads:
+    num_heads = _checks.integer("num_heads", num_heads, what=f"a positive int dividing C = {channels}")
+    if channels % num_heads:
         raise ValueError(f"num_heads: expected a positive int dividing C = {channels}, got {num_heads!r}")
-    if not isinstance(stride, int) or stride <= 0:
-        raise ValueError(f"stride: expected a positive int, got {stride!r}")
+    stride = _checks.integer("stride", stride)
     return _OP(x, (gh, gw), in_proj_weight, in_proj_bias, num_heads, stride=stride)
 
 
@@ -112,8 +112,8 @@ def _cpp_setup_context(ctx, inputs, output):
 
 def _cpp_backward(ctx, grad_out, grad_q, grad_kv, grad_lse):
     x, in_proj_weight, q, kv, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
+    if grad_out is None:  # e.g. a create_graph backward, done by the eager formula instead
+        return None, None, None, None, None, None
     grad_x, grad_w, grad_b = torch.ops.segvit.query_pool_attention_bwd(
         grad_out, x, ctx.grid, in_proj_weight, q, kv, out, lse, ctx.num_heads, ctx.stride)
     return grad_x, None, grad_w, grad_b, None, None
