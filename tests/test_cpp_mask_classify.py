@@ -61,9 +61,10 @@ def test_bfloat16_error_within_2x_eager(shape, num_threads):
     assert_within_eager("out", out, mc_ops.eager(class_logits, mask_logits, (Hout, Wout)), expected, BF16_FLOOR)
 
 
-# The fused AVX2 float32 path (where the CPU has it) tiles the work by 6 classes x 16 pixels per micro-tile, 128 output
-# columns and 32 output rows per task: K, Wout and Hout off those multiples, Wout above one chunk, Wout odd (no
-# aligned streaming stores) and even (streaming), in == out sizes, and a published-like 16x upsampling.
+# The fused float32 paths (where the CPU has them) tile the work by 12 (a last panel: 6 or 12) classes x 32 pixels
+# (AVX-512) or 6 classes x 16 pixels (AVX2) per micro-tile, 128 output columns and 32 output rows per task: K, Wout
+# and Hout off those multiples, Wout above one chunk, Wout odd (no aligned streaming stores) and even (streaming), in
+# == out sizes, and a published-like 16x upsampling.
 TILING_SHAPES = [
     (1, 13, 17, 5, 9, 70, 301),
     (2, 8, 6, 7, 7, 7, 7),
@@ -73,8 +74,69 @@ TILING_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", TILING_SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
-def test_float32_tiling_matches_reference_and_is_thread_count_independent(shape):
+# Every float32 path of the kernel on this machine: the fused AVX-512 and AVX2 kernels and the generic one (ATen GEMM
+# and sigmoid), each forced by SEGVIT_MASK_CLASSIFY_CPU_PATH, a cap the kernel reads on every call; TILING_SHAPES
+# and more.
+PATH_NAMES = {"avx512": "fused AVX-512 kernel", "avx2": "fused AVX2+FMA kernel", "generic": "generic path"}
+PATH_FLAGS = {"avx512": {"avx512f", "avx512dq", "avx512bw", "avx512vl", "fma"}, "avx2": {"avx2", "fma"}, "generic": set()}
+# Class counts around the AVX-512 panels (12; the rest in a 6-class panel when it fits, else a 12-class one): 11, 12,
+# 13, 18, 19, 25, 59; Q below and above one panel of classes; Wout off the 32-pixel panels and the 128-column chunks.
+PATH_SHAPES = TILING_SHAPES + [
+    (1, 5, 11, 3, 4, 41, 47),
+    (2, 12, 12, 4, 4, 32, 64),
+    (1, 17, 13, 5, 3, 9, 150),
+    (1, 3, 18, 2, 5, 19, 33),
+    (1, 21, 19, 6, 6, 35, 96),
+    (1, 40, 25, 7, 5, 20, 160),
+    (1, 60, 59, 8, 8, 48, 80),
+]
+
+
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _path_taken():
+    """Which float32 path build_info() says a call takes now, or None when the fused kernels are not compiled."""
+    info = _extension.build_info()["cpu_isa"]
+    if "mask_classify float32:" not in info:
+        return None
+    taken = [path for path, name in PATH_NAMES.items() if "mask_classify float32: " + name in info]
+    assert len(taken) == 1, info
+    return taken[0]
+
+
+@pytest.fixture(params=list(PATH_NAMES))
+def cpu_path(request, monkeypatch):
+    """The float32 path named by the parameter, forced; skipped where the CPU or the build lacks it."""
+    monkeypatch.setenv("SEGVIT_MASK_CLASSIFY_CPU_PATH", request.param)
+    taken = _path_taken()
+    if request.param != "generic" and taken != request.param:
+        pytest.skip(f"this CPU or build has no {request.param} kernel (a call takes: {taken})")
+    yield request.param
+
+
+def test_best_path_is_taken(monkeypatch):
+    monkeypatch.delenv("SEGVIT_MASK_CLASSIFY_CPU_PATH", raising=False)
+    flags, taken = _cpu_flags(), _path_taken()
+    if flags is None or taken is None:
+        pytest.skip("no /proc/cpuinfo, or the fused kernels are not compiled (not x86_64 GCC/clang)")
+    best = next(path for path in PATH_NAMES if PATH_FLAGS[path] <= flags)
+    assert taken == best, _extension.build_info()["cpu_isa"]
+    monkeypatch.setenv("SEGVIT_MASK_CLASSIFY_CPU_PATH", "auto")
+    assert _path_taken() == best
+
+
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
+def test_each_float32_path_matches_reference_and_is_thread_count_independent(shape, cpu_path):
     B, Q, K, h, w, Hout, Wout = shape
     class_logits, mask_logits = inputs(B, Q, K, h, w)
     outs = []
@@ -83,7 +145,33 @@ def test_float32_tiling_matches_reference_and_is_thread_count_independent(shape)
             outs.append(mask_classify(class_logits, mask_logits, (Hout, Wout)))
     assert (outs[0] > 0).all(), "output not fully written"
     assert_close(outs[0], mc_ops.reference(class_logits, mask_logits, (Hout, Wout)), F32_ATOL, F32_RTOL)
-    assert torch.equal(outs[0], outs[1]), "results differ between 1 and 2 threads"
+    if cpu_path != "generic":  # the generic path's BLAS may split its GEMM by thread
+        assert torch.equal(outs[0], outs[1]), "results differ between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: "B{}Q{}K{}_{}x{}to{}x{}".format(*s))
+def test_avx512_and_avx2_kernels_agree_bit_for_bit(shape, monkeypatch):
+    # Each output element is the same sequence of IEEE operations in both (csrc/cpu/mask_classify_fused.h).
+    B, Q, K, h, w, Hout, Wout = shape
+    class_logits, mask_logits = inputs(B, Q, K, h, w)
+    outs = {}
+    for path in ("avx512", "avx2"):
+        monkeypatch.setenv("SEGVIT_MASK_CLASSIFY_CPU_PATH", path)
+        if _path_taken() != path:
+            pytest.skip(f"this CPU or build has no {path} kernel")
+        outs[path] = mask_classify(class_logits, mask_logits, (Hout, Wout))
+    assert torch.equal(outs["avx512"], outs["avx2"])
+
+
+def test_unknown_path_value_raises(monkeypatch):
+    monkeypatch.delenv("SEGVIT_MASK_CLASSIFY_CPU_PATH", raising=False)
+    if _path_taken() is None:
+        pytest.skip("the fused kernels are not compiled")
+    monkeypatch.setenv("SEGVIT_MASK_CLASSIFY_CPU_PATH", "avx1024")
+    assert "names no path" in _extension.build_info()["cpu_isa"]
+    class_logits, mask_logits = inputs(1, 2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"SEGVIT_MASK_CLASSIFY_CPU_PATH must be auto, avx512, avx2 or generic"):
+        mask_classify(class_logits, mask_logits, (8, 8))
 
 
 def test_non_contiguous_inputs_are_accepted():

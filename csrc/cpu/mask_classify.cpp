@@ -1,28 +1,35 @@
 // CPU kernel of segvit::mask_classify (CONTRACT.md, op 3):
 //   out[b, c] = sum_q softmax(class_logits[b, q])[c] * sigmoid(bilinear(mask_logits[b, q], (Hout, Wout))), c < K.
 //
-// Never materializes the (B, Q, Hout, Wout) upsampled masks. Two paths, chosen at run time:
+// Never materializes the (B, Q, Hout, Wout) upsampled masks. Three paths, chosen at run time:
 //
-// * float32 on an x86_64 CPU with AVX2 + FMA (the benchmark's case): a fused, cache-blocked kernel of its own
-//   (mask_classify_avx2). Work is split into tasks of (b, band of output rows, chunk of output columns), which the
-//   threads take from a shared counter. A task interpolates its few source rows horizontally once, for every query
-//   (hrows: Q x chunk per source row), then, per output row and per 16-pixel panel, makes the GEMM's right operand
-//   directly in packed form: Bp[q][0..16) = sigmoid(top * l0 + bottom * l1) (a vectorised sigmoid, the formula of
-//   csrc/common/fast_exp.h), which stays in L1 while a 6x16 register-blocked FMA micro-kernel multiplies every
-//   6-class panel of the probabilities (packed once per call, in L2) with it and stores the 6x16 result straight
-//   into the output. Every output element is the same sequence of operations whatever the tiling, the thread count
-//   or the position in a partial panel (partial panels are padded with zero probabilities / unused columns), so the
-//   result is bit-for-bit the same for every thread count.
+// * float32 on an x86_64 CPU with AVX-512 (F, DQ, BW, VL) or with AVX2 + FMA (the benchmark's case): a fused,
+//   cache-blocked kernel of its own (mask_classify_fused, with the kernel of cpu/mask_classify_fused.h written once
+//   over a vector-traits struct and compiled for each of the two instruction sets). Work is split into tasks of (b,
+//   band of output rows, chunk of output columns), which the threads take from a shared counter. A task
+//   interpolates its few source rows horizontally once, for every query (hrows: Q x chunk per source row), then,
+//   per output row and per kNR-pixel panel, makes the GEMM's right operand directly in packed form: Bp[q][0..kNR) =
+//   sigmoid(top * l0 + bottom * l1) (a vectorised sigmoid, the formula of csrc/common/fast_exp.h), which stays in
+//   L1 while a register-blocked FMA micro-kernel multiplies every class panel of the probabilities (packed once per
+//   call, in L2) with it and stores the result straight into the output (streaming stores). AVX-512: 12x32 tiles
+//   (16-lane vectors; a last panel of <= 6 classes takes a 6x32 tile); AVX2: 6x16 tiles (8 lanes). Every output
+//   element is the same sequence of operations whatever the tiling, the vector width, the thread count or the
+//   position in a partial panel (partial panels are padded with zero probabilities / unused columns), so the result
+//   is bit-for-bit the same for every thread count, and the AVX-512 and AVX2 kernels agree bit for bit.
+//   SEGVIT_MASK_CLASSIFY_CPU_PATH=avx2 (or generic) caps the path a call takes (read on every call; the tests run
+//   all three on one machine); build_info()["cpu_isa"] names the one taken.
 // * otherwise (bfloat16, or a CPU without AVX2/FMA): per (b, block of R output rows) a float32 scratch S (Q x
 //   R*Wout) of sigmoid(bilinear(...)) (horizontal pass on the few source rows involved, then vertical pass: ATen's
 //   order of operations), then one GEMM probs_b (K x Q) @ S (Q x R*Wout) gives the output tile (at::mm, at::sigmoid_).
 //
 // ISA strategy (the built extension must run on any x86_64, so no -march=native): the file is compiled for the
-// generic target. The AVX2 path's functions carry __attribute__((target("avx2,fma"))) and run only after a
-// __builtin_cpu_supports check. The generic path leaves the ISA-sensitive parts to code that PyTorch already
-// dispatches at runtime: the GEMM to at::mm (MKL/BLAS) and the sigmoid to at::sigmoid_ (ATen's AVX2/AVX512
-// DispatchStub kernels); its bilinear loops get a runtime-selected AVX2 clone via GCC/clang `target_clones` (an
-// ifunc; x86_64 Linux only, otherwise they are plain generic code).
+// generic target. The fused kernels are compiled inside `#pragma GCC target` / `#pragma clang attribute` regions
+// ("avx2,fma" and "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"; a function template cannot take its target from a
+// template parameter) and run only after a __builtin_cpu_supports check; -DSEGVIT_NO_AVX512_KERNEL leaves the
+// AVX-512 one out, -DSEGVIT_NO_AVX2_KERNEL both. The generic path leaves the ISA-sensitive parts to code that
+// PyTorch already dispatches at runtime: the GEMM to at::mm (MKL/BLAS) and the sigmoid to at::sigmoid_ (ATen's
+// AVX2/AVX512 DispatchStub kernels); its bilinear loops get a runtime-selected AVX2 clone via GCC/clang
+// `target_clones` (an ifunc; x86_64 Linux only, otherwise they are plain generic code).
 //
 // Only ATen headers here: torch/extension.h lives in csrc/bindings.cpp alone, which keeps this file quick to build.
 #include "cpu/mask_classify.h"
@@ -39,6 +46,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "common/bilinear.h"
@@ -57,14 +65,19 @@
 #define SEGVIT_ISA_CLONES
 #endif
 
-// The fused AVX2 + FMA path (x86_64 GCC/clang; -DSEGVIT_NO_TARGET_CLONES or -DSEGVIT_NO_AVX2_KERNEL leave it out).
+// The fused paths (x86_64 GCC/clang; -DSEGVIT_NO_TARGET_CLONES or -DSEGVIT_NO_AVX2_KERNEL leave both out,
+// -DSEGVIT_NO_AVX512_KERNEL the AVX-512 one).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SEGVIT_NO_TARGET_CLONES) && \
     !defined(SEGVIT_NO_AVX2_KERNEL)
 #define SEGVIT_HAVE_AVX2_KERNEL 1
-#define SEGVIT_AVX2 __attribute__((target("avx2,fma")))
 #include <immintrin.h>
 #else
 #define SEGVIT_HAVE_AVX2_KERNEL 0
+#endif
+#if SEGVIT_HAVE_AVX2_KERNEL && !defined(SEGVIT_NO_AVX512_KERNEL)
+#define SEGVIT_HAVE_AVX512_KERNEL 1
+#else
+#define SEGVIT_HAVE_AVX512_KERNEL 0
 #endif
 
 
@@ -156,22 +169,48 @@ void check_inputs(const at::Tensor& class_logits, const at::Tensor& mask_logits,
 
 #if SEGVIT_HAVE_AVX2_KERNEL
 
-// ---- The fused AVX2 + FMA path (float32) ------------------------------------------------------------------------
+// ---- The fused paths (float32): AVX-512 and AVX2 + FMA ----------------------------------------------------------
 
-constexpr int64_t kMR = 6;         // classes per micro-tile: 12 accumulators of 8 floats, 2 pixel and 1 class register
-constexpr int64_t kNR = 16;        // pixels per micro-tile (two 8-float vectors)
 // Task size: the band's source rows interpolated horizontally (about 3 source rows x Q x 128 floats at a 16x
-// upsampling) and the packed probabilities (Q x K floats) stay in L2; one pixel panel (Q x 16 floats) stays in L1.
-// Bands of 16, 32 and 64 rows and chunks of 64 and 128 columns measured within 2 % of each other at 640.
-constexpr int64_t kChunkCols = 128;  // output columns per task (a multiple of kNR)
+// upsampling) and the packed probabilities (Q x K floats) stay in L2; one pixel panel (Q x kNR floats) stays in L1.
+// Bands of 16, 32 and 64 rows and chunks of 64 and 128 columns measured within 2 % of each other at 640 (AVX2).
+constexpr int64_t kChunkCols = 128;  // output columns per task (rounded up to a multiple of the kernel's kNR)
 constexpr int64_t kBandRows = 32;    // output rows per task
 
-bool cpu_has_avx2_fma() {
-  static const bool supported = [] {
+// The fused kernel each CPU can run, and the one a call runs: the best the CPU has, capped by the environment
+// variable SEGVIT_MASK_CLASSIFY_CPU_PATH (read on every call: "avx512", "avx2" or "generic"; unset or "auto": no
+// cap), which lets the tests run every path on one machine.
+enum class FusedPath { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+FusedPath cpu_best_path() {
+  static const FusedPath best = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if SEGVIT_HAVE_AVX512_KERNEL
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+      return FusedPath::kAvx512;
+    }
+#endif
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? FusedPath::kAvx2 : FusedPath::kGeneric;
   }();
-  return supported;
+  return best;
+}
+
+// The cap the environment asks for; false for a value that names no path.
+bool requested_path_cap(FusedPath& cap, std::string& value) {
+  const char* env = std::getenv("SEGVIT_MASK_CLASSIFY_CPU_PATH");
+  value = env == nullptr ? "" : env;
+  cap = value == "avx2" ? FusedPath::kAvx2 : value == "generic" ? FusedPath::kGeneric : FusedPath::kAvx512;
+  return value.empty() || value == "auto" || value == "avx512" || value == "avx2" || value == "generic";
+}
+
+FusedPath fused_path() {
+  FusedPath cap;
+  std::string value;
+  TORCH_CHECK(requested_path_cap(cap, value),
+              "segvit::mask_classify: SEGVIT_MASK_CLASSIFY_CPU_PATH must be auto, avx512, avx2 or generic, got '",
+              value, "'");
+  return std::min(cpu_best_path(), cap);
 }
 
 struct FreeDeleter {
@@ -187,145 +226,19 @@ FloatBuffer aligned_floats(int64_t n) {
   return FloatBuffer(static_cast<float*>(p));
 }
 
-// sigmoid(v) = 1 / (1 + exp(-v)) on 8 lanes, exp by the formula of segvit::fast_exp (common/fast_exp.h): the same
-// clamp to [-87, 88], Cody-Waite reduction, degree-7 polynomial and 2^n from the bits of the rounding shift (here
-// with FMAs, which only make the reduction more exact). A NaN propagates: max/min return their second operand when
-// either is NaN, and the NaN is the second one.
-SEGVIT_AVX2 inline __m256 sigmoid8(__m256 v) {
-  const __m256 x = _mm256_xor_ps(v, _mm256_set1_ps(-0.0f));  // -v
-  __m256 xc = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-  xc = _mm256_min_ps(_mm256_set1_ps(88.0f), xc);
-  const __m256 round = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m256 shifted = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), round);
-  const __m256 n = _mm256_sub_ps(shifted, round);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i pow2 =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23);
-  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
-  const __m256 one = _mm256_set1_ps(1.0f);
-  // A true division (an rcp + Newton step measured no faster, and is less exact).
-  return _mm256_div_ps(one, _mm256_add_ps(one, e));
-}
-
-// One packed pixel panel of the GEMM's right operand: bp[q][0..16) = sigmoid(top[q] * l0 + bottom[q] * l1), where
-// top[q] / bottom[q] (q * stride apart) are 16 horizontally interpolated values of the two source rows of one
-// output row (the vertical pass of ATen's order of operations).
-SEGVIT_AVX2 void make_panel(const float* __restrict top, const float* __restrict bottom, int64_t stride, float l0,
-                            float l1, int64_t Q, float* __restrict bp) {
-  const __m256 w0 = _mm256_set1_ps(l0), w1 = _mm256_set1_ps(l1);
-  for (int64_t q = 0; q < Q; ++q) {
-    const float* t = top + q * stride;
-    const float* u = bottom + q * stride;
-    const __m256 v0 = _mm256_fmadd_ps(_mm256_loadu_ps(t), w0, _mm256_mul_ps(_mm256_loadu_ps(u), w1));
-    const __m256 v1 = _mm256_fmadd_ps(_mm256_loadu_ps(t + 8), w0, _mm256_mul_ps(_mm256_loadu_ps(u + 8), w1));
-    _mm256_store_ps(bp + q * kNR, sigmoid8(v0));
-    _mm256_store_ps(bp + q * kNR + 8, sigmoid8(v1));
-  }
-}
-
-// c[m][0..16) = sum_q a[q][m] * b[q][0..16) for m < 6, one FMA per term in increasing q: a is a 6-class panel of the
-// probabilities (Q x 6), b a packed pixel panel (Q x 16). Only rows m < rows and columns < cols are stored (a
-// partial tile computes exactly what a full one would, its padding is simply not written).
-SEGVIT_AVX2 void micro_kernel(const float* __restrict a, const float* __restrict b, int64_t Q, float* __restrict c,
-                              int64_t ldc, int64_t rows, int64_t cols) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
-         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
-         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
-         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int64_t q = 0; q < Q; ++q) {
-    const __m256 b0 = _mm256_load_ps(b + q * kNR);
-    const __m256 b1 = _mm256_load_ps(b + q * kNR + 8);
-    const float* aq = a + q * kMR;
-    __m256 s = _mm256_broadcast_ss(aq + 0);
-    c00 = _mm256_fmadd_ps(s, b0, c00);
-    c01 = _mm256_fmadd_ps(s, b1, c01);
-    s = _mm256_broadcast_ss(aq + 1);
-    c10 = _mm256_fmadd_ps(s, b0, c10);
-    c11 = _mm256_fmadd_ps(s, b1, c11);
-    s = _mm256_broadcast_ss(aq + 2);
-    c20 = _mm256_fmadd_ps(s, b0, c20);
-    c21 = _mm256_fmadd_ps(s, b1, c21);
-    s = _mm256_broadcast_ss(aq + 3);
-    c30 = _mm256_fmadd_ps(s, b0, c30);
-    c31 = _mm256_fmadd_ps(s, b1, c31);
-    s = _mm256_broadcast_ss(aq + 4);
-    c40 = _mm256_fmadd_ps(s, b0, c40);
-    c41 = _mm256_fmadd_ps(s, b1, c41);
-    s = _mm256_broadcast_ss(aq + 5);
-    c50 = _mm256_fmadd_ps(s, b0, c50);
-    c51 = _mm256_fmadd_ps(s, b1, c51);
-  }
-  // Whole aligned tiles bypass the caches (the output is written once, never read here): no read-for-ownership of
-  // the output lines, which measured ~1.6x faster overall at 512 and 640 than plain stores. The worker fences them.
-  if (rows == kMR && cols == kNR && (reinterpret_cast<uintptr_t>(c) & 31) == 0 && (ldc & 7) == 0) {
-    _mm256_stream_ps(c, c00);
-    _mm256_stream_ps(c + 8, c01);
-    _mm256_stream_ps(c + ldc, c10);
-    _mm256_stream_ps(c + ldc + 8, c11);
-    _mm256_stream_ps(c + 2 * ldc, c20);
-    _mm256_stream_ps(c + 2 * ldc + 8, c21);
-    _mm256_stream_ps(c + 3 * ldc, c30);
-    _mm256_stream_ps(c + 3 * ldc + 8, c31);
-    _mm256_stream_ps(c + 4 * ldc, c40);
-    _mm256_stream_ps(c + 4 * ldc + 8, c41);
-    _mm256_stream_ps(c + 5 * ldc, c50);
-    _mm256_stream_ps(c + 5 * ldc + 8, c51);
-    return;
-  }
-  if (rows == kMR && cols == kNR) {
-    _mm256_storeu_ps(c, c00);
-    _mm256_storeu_ps(c + 8, c01);
-    _mm256_storeu_ps(c + ldc, c10);
-    _mm256_storeu_ps(c + ldc + 8, c11);
-    _mm256_storeu_ps(c + 2 * ldc, c20);
-    _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-    _mm256_storeu_ps(c + 3 * ldc, c30);
-    _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-    _mm256_storeu_ps(c + 4 * ldc, c40);
-    _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-    _mm256_storeu_ps(c + 5 * ldc, c50);
-    _mm256_storeu_ps(c + 5 * ldc + 8, c51);
-    return;
-  }
-  alignas(32) float tile[kMR * kNR];
-  _mm256_store_ps(tile, c00);
-  _mm256_store_ps(tile + 8, c01);
-  _mm256_store_ps(tile + 16, c10);
-  _mm256_store_ps(tile + 24, c11);
-  _mm256_store_ps(tile + 32, c20);
-  _mm256_store_ps(tile + 40, c21);
-  _mm256_store_ps(tile + 48, c30);
-  _mm256_store_ps(tile + 56, c31);
-  _mm256_store_ps(tile + 64, c40);
-  _mm256_store_ps(tile + 72, c41);
-  _mm256_store_ps(tile + 80, c50);
-  _mm256_store_ps(tile + 88, c51);
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t x = 0; x < cols; ++x) c[m * ldc + x] = tile[m * kNR + x];
-  }
-}
-
-// One task: output rows [r0, r0 + n_rows) (a band, whose distinct source rows are `source_rows`, and whose row rr
-// lerps slots slot0[rr] and slot1[rr] of them with weights roww0[rr], roww1[rr]) and columns [x0, x0 + n_cols) of
-// batch element b. hrows: scratch of source_rows.size() * Q * chunk floats, bp: Q * kNR floats (64-byte aligned).
+// A band of output rows [r0, r0 + n_rows), whose distinct source rows are `source_rows`, and whose row rr lerps slots
+// slot0[rr] and slot1[rr] of them with weights roww0[rr], roww1[rr].
 struct Band {
   int64_t r0, n_rows;
   std::vector<int64_t> source_rows, slot0, slot1;
   std::vector<float> roww0, roww1;
 };
 
-struct Avx2Problem {
-  int64_t Q, K, h, w, Hout, Wout, chunk, k_panels;
-  const float* packed_probs;  // (B, k_panels, Q, kMR)
+struct FusedProblem {
+  int64_t Q, K, h, w, Hout, Wout, chunk;
+  int64_t k_padded;           // classes in the packed probabilities: K rounded up to whole panels
+  int64_t tail_mr;            // width of the last class panel, 0 when K is a multiple of the kernel's kMR
+  const float* packed_probs;  // (B, k_padded, Q) in panels: panel at class c0 of width mr is (Q, mr), at c0 * Q
   const float* masks;         // (B, Q, h, w)
   float* out;                 // (B, K, Hout, Wout)
   const int32_t* col0;
@@ -334,55 +247,126 @@ struct Avx2Problem {
   const float* colw1;
 };
 
-SEGVIT_AVX2 void run_task(const Avx2Problem& p, const Band& band, int64_t b, int64_t x0, float* __restrict hrows,
-                          float* __restrict bp) {
-  const int64_t Q = p.Q, chunk = p.chunk, plane = p.Hout * p.Wout;
-  const int64_t n_cols = std::min(chunk, p.Wout - x0);
-  const int64_t n_panels = (n_cols + kNR - 1) / kNR;
-  // Horizontal pass over the band's source rows, for every query; the padding up to a whole panel is zero.
-  for (size_t s = 0; s < band.source_rows.size(); ++s) {
-    for (int64_t q = 0; q < Q; ++q) {
-      const float* src = p.masks + ((b * Q + q) * p.h + band.source_rows[s]) * p.w;
-      float* dst = hrows + (static_cast<int64_t>(s) * Q + q) * chunk;
-      lerp_columns(src, p.col0 + x0, p.col1 + x0, p.colw0 + x0, p.colw1 + x0, n_cols, dst);
-      for (int64_t x = n_cols; x < n_panels * kNR; ++x) dst[x] = 0.0f;
-    }
-  }
-  const float* probs = p.packed_probs + b * p.k_panels * Q * kMR;
-  for (int64_t rr = 0; rr < band.n_rows; ++rr) {
-    const float* top = hrows + band.slot0[rr] * Q * chunk;
-    const float* bottom = hrows + band.slot1[rr] * Q * chunk;
-    float* out_row = p.out + b * p.K * plane + (band.r0 + rr) * p.Wout + x0;
-    for (int64_t j = 0; j < n_panels; ++j) {
-      make_panel(top + j * kNR, bottom + j * kNR, chunk, band.roww0[rr], band.roww1[rr], Q, bp);
-      const int64_t cols = std::min(kNR, n_cols - j * kNR);
-      for (int64_t i = 0; i < p.k_panels; ++i) {
-        micro_kernel(probs + i * Q * kMR, bp, Q, out_row + i * kMR * plane + j * kNR, plane,
-                     std::min(kMR, p.K - i * kMR), cols);
-      }
-    }
-  }
-}
+// The kernels, one instantiation of cpu/mask_classify_fused.h per instruction set, each in a region where every
+// function is compiled for that set.
+#if defined(__clang__)
+#define SEGVIT_TARGET_BEGIN(isa) _Pragma(SEGVIT_PRAGMA_STR(clang attribute push(__attribute__((target(isa))), apply_to = function)))
+#define SEGVIT_TARGET_END _Pragma("clang attribute pop")
+#define SEGVIT_UNROLL _Pragma("unroll")
+#else
+#define SEGVIT_TARGET_BEGIN(isa) _Pragma("GCC push_options") _Pragma(SEGVIT_PRAGMA_STR(GCC target(isa)))
+#define SEGVIT_TARGET_END _Pragma("GCC pop_options")
+#define SEGVIT_UNROLL _Pragma("GCC unroll 32")
+#endif
+#define SEGVIT_PRAGMA_STR(x) #x
+#define SEGVIT_FUSED_KERNEL_REGION 1
 
-void mask_classify_avx2(const at::Tensor& probs,        // (B, K, Q) float32, contiguous
-                        const at::Tensor& mask_logits,  // (B, Q, h, w) float32, contiguous
-                        at::Tensor& out) {              // (B, K, Hout, Wout) float32, contiguous
+SEGVIT_TARGET_BEGIN("avx2,fma")
+namespace avx2 {
+struct V {
+  using Vec = __m256;
+  static constexpr int64_t kLanes = 8;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float x) { return _mm256_set1_ps(x); }
+  static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Vec load(const float* p) { return _mm256_load_ps(p); }
+  static Vec loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Vec v) { _mm256_store_ps(p, v); }
+  static void storeu(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static void stream(float* p, Vec v) { _mm256_stream_ps(p, v); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+  static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+  static Vec neg(Vec a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+  // 2^n as a float, from shifted = 1.5 * 2^23 + n (n in the low mantissa bits).
+  static Vec pow2_of_shifted(Vec shifted) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(127)), 23));
+  }
+};
+// 6 x 16 tiles: 12 accumulators of 8 floats, 2 pixel and 1 class register of the 16.
+constexpr int kNV = 2;
+constexpr int kMR = 6, kMRSmall = 6;
+#include "cpu/mask_classify_fused.h"
+}  // namespace avx2
+SEGVIT_TARGET_END
+
+#if SEGVIT_HAVE_AVX512_KERNEL
+SEGVIT_TARGET_BEGIN("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+namespace avx512 {
+struct V {
+  using Vec = __m512;
+  static constexpr int64_t kLanes = 16;
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec set1(float x) { return _mm512_set1_ps(x); }
+  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static Vec load(const float* p) { return _mm512_load_ps(p); }
+  static Vec loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Vec v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, Vec v) { _mm512_stream_ps(p, v); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }
+  static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+  // max, min and the shift in their masked forms with an all-ones mask (the same instruction): GCC 12 warns
+  // (-Wmaybe-uninitialized) about the undefined pass-through operand of the unmasked ones.
+  static Vec max(Vec a, Vec b) { return _mm512_mask_max_ps(a, kAll, a, b); }
+  static Vec min(Vec a, Vec b) { return _mm512_mask_min_ps(a, kAll, a, b); }
+  static Vec neg(Vec a) { return _mm512_xor_ps(a, _mm512_set1_ps(-0.0f)); }
+  static Vec pow2_of_shifted(Vec shifted) {
+    const __m512i biased = _mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_mask_slli_epi32(biased, kAll, biased, 23));
+  }
+  static constexpr __mmask16 kAll = 0xFFFF;
+};
+// 12 x 32 tiles: 24 accumulators of 16 floats, 2 pixel and 1 class register of the 32 (the shape of BLIS's Skylake-X
+// sgemm kernel; per pixel vector 12 broadcast loads for 24 FMAs). A last panel of up to 6 classes takes a 6 x 32
+// tile (K = 150: 12 x 12 + 6, no padded class). On the AMD Zen 4 of the development session (AVX-512 on 256-bit
+// units, so no more FLOPs than AVX2; a loaded machine), 6x32, 14x32, 14x16, 8x48 and 6x64 measured within the
+// noise of 12x32.
+constexpr int kNV = 2;
+constexpr int kMR = 12, kMRSmall = 6;
+#include "cpu/mask_classify_fused.h"
+}  // namespace avx512
+SEGVIT_TARGET_END
+#endif  // SEGVIT_HAVE_AVX512_KERNEL
+
+#undef SEGVIT_FUSED_KERNEL_REGION
+
+// The ISA-independent part of the fused path: packing, taps, bands, and the tasks handed to Kernel::run_task.
+template <typename Kernel>
+void mask_classify_fused(const at::Tensor& probs,        // (B, K, Q) float32, contiguous
+                         const at::Tensor& mask_logits,  // (B, Q, h, w) float32, contiguous
+                         at::Tensor& out) {              // (B, K, Hout, Wout) float32, contiguous
+  constexpr int64_t kMR = Kernel::kTileRows, kMRSmall = Kernel::kTileRowsSmall, kNR = Kernel::kTileCols;
   const int64_t B = mask_logits.size(0), Q = mask_logits.size(1), h = mask_logits.size(2), w = mask_logits.size(3);
   const int64_t K = out.size(1), Hout = out.size(2), Wout = out.size(3);
-  const int64_t k_panels = (K + kMR - 1) / kMR;
 
-  // The probabilities in 6-class panels, q-major: packed[b][i][q][m] = probs[b][6 i + m][q], 0 for classes >= K.
-  FloatBuffer packed = aligned_floats(B * k_panels * Q * kMR);
+  // Class panels: whole ones of kMR classes, then the rest in one of kMRSmall classes where they fit, else of kMR.
+  const int64_t rest = K % kMR;
+  const int64_t tail_mr = rest == 0 ? 0 : rest <= kMRSmall ? kMRSmall : kMR;
+  const int64_t k_padded = K - rest + tail_mr;
+  // The probabilities in those panels, q-major: the panel of width mr at class c0 holds probs[b][c0 + m][q] at
+  // [q][m], 0 for classes >= K.
+  FloatBuffer packed = aligned_floats(B * k_padded * Q);
   const float* probs_ptr = probs.const_data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < k_panels; ++i) {
-      float* panel = packed.get() + (b * k_panels + i) * Q * kMR;
+    for (int64_t c0 = 0; c0 < k_padded;) {
+      const int64_t mr = c0 + kMR <= K ? kMR : tail_mr;
+      float* panel = packed.get() + (b * k_padded + c0) * Q;
       for (int64_t q = 0; q < Q; ++q) {
-        for (int64_t m = 0; m < kMR; ++m) {
-          const int64_t c = i * kMR + m;
-          panel[q * kMR + m] = c < K ? probs_ptr[(b * K + c) * Q + q] : 0.0f;
+        for (int64_t m = 0; m < mr; ++m) {
+          const int64_t c = c0 + m;
+          panel[q * mr + m] = c < K ? probs_ptr[(b * K + c) * Q + q] : 0.0f;
         }
       }
+      c0 += mr;
     }
   }
 
@@ -416,15 +400,17 @@ void mask_classify_avx2(const at::Tensor& probs,        // (B, K, Q) float32, co
     max_slots = std::max(max_slots, band.source_rows.size());
   }
 
-  Avx2Problem problem;
+  FusedProblem problem;
   problem.Q = Q;
   problem.K = K;
   problem.h = h;
   problem.w = w;
   problem.Hout = Hout;
   problem.Wout = Wout;
-  problem.chunk = std::min(kChunkCols, (Wout + kNR - 1) / kNR * kNR);
-  problem.k_panels = k_panels;
+  const int64_t chunk_cols = (kChunkCols + kNR - 1) / kNR * kNR;
+  problem.chunk = std::min(chunk_cols, (Wout + kNR - 1) / kNR * kNR);
+  problem.k_padded = k_padded;
+  problem.tail_mr = tail_mr;
   problem.packed_probs = packed.get();
   problem.masks = mask_logits.const_data_ptr<float>();
   problem.out = out.mutable_data_ptr<float>();
@@ -447,7 +433,7 @@ void mask_classify_avx2(const at::Tensor& probs,        // (B, K, Q) float32, co
       const int64_t b = task / (n_bands * n_chunks);
       const int64_t band = (task / n_chunks) % n_bands;
       const int64_t chunk = task % n_chunks;
-      run_task(problem, bands[static_cast<size_t>(band)], b, chunk * problem.chunk, hrows.get(), bp.get());
+      Kernel::run_task(problem, bands[static_cast<size_t>(band)], b, chunk * problem.chunk, hrows.get(), bp.get());
     }
     _mm_sfence();  // the streaming stores are visible once parallel_for returns
   });
@@ -589,9 +575,19 @@ at::Tensor mask_classify(const at::Tensor& class_logits, const at::Tensor& mask_
   const at::Tensor probs =
       at::softmax(class_logits.to(at::kFloat), -1).narrow(-1, 0, K).transpose(1, 2).contiguous();
 #if SEGVIT_HAVE_AVX2_KERNEL
-  if (masks.scalar_type() == at::kFloat && cpu_has_avx2_fma()) {
-    mask_classify_avx2(probs, masks, out);
-    return out;
+  if (masks.scalar_type() == at::kFloat) {
+    switch (fused_path()) {
+#if SEGVIT_HAVE_AVX512_KERNEL
+      case FusedPath::kAvx512:
+        mask_classify_fused<avx512::Kernel>(probs, masks, out);
+        return out;
+#endif
+      case FusedPath::kAvx2:
+        mask_classify_fused<avx2::Kernel>(probs, masks, out);
+        return out;
+      default:
+        break;
+    }
   }
 #endif
   if (masks.scalar_type() == at::kFloat) {
@@ -618,9 +614,39 @@ std::string isa_info() {
   info += "; bilinear loops: generic only (no target_clones on this platform/compiler)";
 #endif
 #if SEGVIT_HAVE_AVX2_KERNEL
-  info += std::string("; mask_classify float32: ") +
-          (cpu_has_avx2_fma() ? "fused AVX2+FMA kernel (own 6x16 GEMM micro-kernel, vectorised sigmoid)"
-                              : "generic path (this CPU lacks AVX2/FMA)");
+  {
+    FusedPath cap;
+    std::string value;
+    const bool valid = requested_path_cap(cap, value);
+    const FusedPath best = cpu_best_path(), path = std::min(best, cap);
+    auto name = [](FusedPath p) {
+      return p == FusedPath::kAvx512 ? "AVX-512" : p == FusedPath::kAvx2 ? "AVX2+FMA" : "generic";
+    };
+    auto fused = [](const char* isa, int64_t rows, int64_t cols) {
+      return std::string("fused ") + isa + " kernel (own " + std::to_string(rows) + "x" + std::to_string(cols) +
+             " GEMM micro-kernel, vectorised sigmoid)";
+    };
+    info += "; mask_classify float32: ";
+    switch (path) {
+#if SEGVIT_HAVE_AVX512_KERNEL
+      case FusedPath::kAvx512:
+        info += fused("AVX-512", avx512::Kernel::kTileRows, avx512::Kernel::kTileCols);
+        break;
+#endif
+      case FusedPath::kAvx2:
+        info += fused("AVX2+FMA", avx2::Kernel::kTileRows, avx2::Kernel::kTileCols);
+        break;
+      default:
+        info += "generic path";
+    }
+    if (!valid) {
+      info += " (but SEGVIT_MASK_CLASSIFY_CPU_PATH='" + value + "' names no path: a float32 call raises)";
+    } else if (path != best) {
+      info += std::string(" (capped by SEGVIT_MASK_CLASSIFY_CPU_PATH, this CPU's best: ") + name(best) + ")";
+    } else if (best == FusedPath::kGeneric) {
+      info += " (this CPU lacks AVX2/FMA)";
+    }
+  }
 #endif
   info += "; otherwise GEMM: at::mm (BLAS), sigmoid: ATen kernels (runtime CPU capability " + at::get_cpu_capability() +
           ")";
