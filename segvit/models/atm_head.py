@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segvit import ops
-from segvit.models.layers import ConfigCheck, trunc_normal_
+from segvit.models.layers import ConfigCheck, GradCheckpointing, trunc_normal_
 from segvit.models.vit import Tokens
 
 
@@ -77,7 +77,7 @@ class ATMDecoderLayer(DecoderLayer):
         return self.cross_attn(x, memory)
 
 
-class DecoderStage(nn.Module):
+class DecoderStage(GradCheckpointing, nn.Module):
     """Projection of one backbone feature (Linear + LayerNorm, or identity) and the decoder layers that attend
     to it. Returns the queries and similarity map after every layer."""
 
@@ -94,8 +94,8 @@ class DecoderStage(nn.Module):
     def forward(self, queries: torch.Tensor, feature: torch.Tensor):
         memory = self.proj_norm(self.input_proj(feature))
         per_layer = []
-        for layer in self.layers:
-            queries, similarity = layer(queries, memory)
+        for i, layer in enumerate(self.layers):
+            queries, similarity = self.run_block(i, layer, queries, memory)
             per_layer.append((queries, similarity))
         return per_layer
 

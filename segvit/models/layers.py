@@ -3,11 +3,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """Normal(0, std) truncated at +-2 (absolute bounds, as timm and mmcv use them)."""
     return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+
+
+class GradCheckpointing:
+    """Mixin of the modules with a loop of blocks (the backbone, each decoder stage): with
+    ``set_grad_checkpointing(True, every=k)``, every k-th block (0, k, 2k, ...) of the loop runs under
+    ``torch.utils.checkpoint`` (non-reentrant) when gradients are recorded: its activations are freed after the
+    forward and recomputed in the backward. The checkpoint stashes and restores the RNG states (CPU and the inputs'
+    devices) and the autocast state, so the recompute draws the same dropout and drop-path masks, and the fused ops'
+    dropout seeds (drawn from torch's CPU generator), as the forward did: gradients equal the plain step's."""
+
+    grad_checkpointing_every: int = 0
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected a positive int (checkpoint every k-th block), got {every!r}")
+        self.grad_checkpointing_every = every if enable else 0
+
+    def run_block(self, index: int, fn, *args):
+        """``fn(*args)``, checkpointed when block ``index`` is one of the checkpointed blocks."""
+        every = self.grad_checkpointing_every
+        if every and index % every == 0 and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
 
 class DropPath(nn.Module):

@@ -44,6 +44,18 @@ class SegViT(nn.Module):
         self.stride = tuple(stride) if stride is not None else None
         self.ignore_index = ignore_index
 
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> "SegViT":
+        """Activation checkpointing (timm's name): every ``every``-th block of the backbone (the Shrunk
+        query-pooling block included) and of each decoder stage is recomputed in the backward instead of keeping
+        its activations (``segvit.models.layers.GradCheckpointing``). Same gradients, dropout included; works on
+        every backend, under autocast and with ``torch.compile``. Returns the model."""
+        from segvit.models.layers import GradCheckpointing
+
+        for module in self.modules():
+            if isinstance(module, GradCheckpointing):
+                module.set_grad_checkpointing(enable, every)
+        return self
+
     def forward(self, images: torch.Tensor) -> dict:
         if images.dim() != 4:
             raise ValueError(f"images: expected (B, C, H, W), got shape {tuple(images.shape)}")

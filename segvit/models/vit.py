@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from segvit import ops
-from segvit.models.layers import ConfigCheck, DropPath, trunc_normal_
+from segvit.models.layers import ConfigCheck, DropPath, GradCheckpointing, trunc_normal_
 
 Tokens = tuple[torch.Tensor, tuple[int, int]]  # (B, L, C) tokens with their (h, w) grid, row-major
 
@@ -99,7 +99,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), pooled_grid
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(GradCheckpointing, nn.Module):
     """ViT with corner-padded patches, a CLS token used only for its position embedding, no final norm by
     default; returns the tokens of the blocks in ``out_indices`` with their grids.
 
@@ -206,9 +206,9 @@ class VisionTransformer(nn.Module):
         outs = []
         for i, block in enumerate(self.blocks):
             if i == self.shrink_idx:
-                x, grid = block.forward_query_pooled(x, grid)
+                x, grid = self.run_block(i, block.forward_query_pooled, x, grid)
             else:
-                x = block(x)
+                x = self.run_block(i, block, x)
             if self.norm is not None and i == len(self.blocks) - 1:
                 x = self.norm(x)
             if i in self.out_indices:
