@@ -28,9 +28,9 @@
 
 namespace segvit {
 
-// exp(y) for y <= 0 (the only range used: exp(-|x|)): the shared exp (csrc/common/fast_exp.h). y is clamped at -87
-// (exp(-87) = 1.6e-38), so the result is always a normal float and no denormal slow path is hit; e.g. sigmoid(-100)
-// comes out as 1.6e-38 instead of 3.7e-44, which no sum can tell apart. NaN is returned as NaN.
+// exp(y) for y <= 0 (the only range used: exp(-|x|)): the shared exp (csrc/common/fast_exp.h). Below y = -87
+// (exp(-87) = 1.6e-38) it returns 0, so no denormal slow path is hit; e.g. sigmoid(-100) comes out as 0 instead of
+// 3.7e-44, which no sum can tell apart, and sigmoid(-inf) = 0 exactly. NaN is returned as NaN.
 SEGVIT_HOST_DEVICE SEGVIT_INLINE float exp_nonpositive(float y) { return fast_exp(y); }
 
 // log(1 + e) for e in [0, 1] (e = exp(-|x|)). With z = e / (2 + e), log(1 + e) = 2 atanh(z); for e > sqrt(2) - 1 the
@@ -124,12 +124,22 @@ struct PixelForward {
   float focal;  // focal term of the pixel (not yet divided by the pixel count)
 };
 
+// Infinite logits follow eager's formula, ATen's BCEWithLogits(x, t) = (1 - t) x + log1p(exp(-|x|)) + max(-x, 0):
+// NaN for x = -inf (inf - inf or 0 * inf) and for x = +inf with t = 1 (0 * inf); for x = +inf with t = 0 it is
+// inf, as the margin formula gives (times the class weight: NaN if that is 0, as in eager). The margin formula
+// alone would give a finite 0 or inf there. A NaN x gives NaN through every term.
+SEGVIT_HOST_DEVICE SEGVIT_INLINE bool eager_focal_is_nan(float x, bool target) {
+  const float inf = float_from_bits(0x7f800000);
+  return x == -inf || (target && x == inf);
+}
+
 template <bool kSquare>
 SEGVIT_HOST_DEVICE SEGVIT_INLINE PixelForward pixel_forward(float x, bool target, const FocalParams& fp) {
   const MarginTerms mt = margin_terms(target ? -x : x);
   PixelForward r;
   r.prob = target ? mt.p_t : mt.u;
   r.focal = (target ? fp.weight_pos : fp.weight_neg) * mt.spv * focal_modulator<kSquare>(mt.u, fp.gamma);
+  r.focal = eager_focal_is_nan(x, target) ? float_from_bits(0x7fc00000) : r.focal;  // a select, no branch
   return r;
 }
 
@@ -141,7 +151,10 @@ SEGVIT_HOST_DEVICE SEGVIT_INLINE float pixel_backward(float x, bool target, cons
                                                      float g_prob_target, float g_prob) {
   const MarginTerms mt = margin_terms(target ? -x : x);
   // d focal / dm; dm / dx = -1 for t = 1, folded into the signed weight.
-  const float d_focal_dm = focal_modulator<kSquare>(mt.u, fp.gamma) * (mt.u + fp.gamma * mt.spv * mt.p_t);
+  // At an infinite x eager's focal term is NaN or inf (see pixel_forward) and so is its gradient: NaN.
+  const float inf = float_from_bits(0x7f800000);
+  float d_focal_dm = focal_modulator<kSquare>(mt.u, fp.gamma) * (mt.u + fp.gamma * mt.spv * mt.p_t);
+  d_focal_dm = (x == inf || x == -inf) ? float_from_bits(0x7fc00000) : d_focal_dm;
   const float signed_weight = target ? -fp.weight_pos : fp.weight_neg;
   const float g_prob_total = target ? g_prob + g_prob_target : g_prob;
   return g_focal * signed_weight * d_focal_dm + g_prob_total * (mt.u * mt.p_t);
