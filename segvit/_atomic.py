@@ -148,6 +148,8 @@ def atomic_link(source: str, path: str, label: str = "file") -> str:
     name, renamed onto ``path`` (no data copied). Where the filesystem has no hard links, a copy written by
     ``atomic_write``. Returns "link" or "copy"."""
     count(label)
+    if os.path.exists(path) and os.path.samefile(source, path):
+        return "link"  # already (and rename() of one link onto another of the same file does nothing)
     tmp = _temp_name(path)
     try:
         os.link(source, tmp)

@@ -351,16 +351,16 @@ def main(argv=None) -> dict:
     os.makedirs(args.work_dir, exist_ok=True)
     auto = args.resume == "auto"
     resume_path, state = None, None
-    if auto:  # one process looks, all load what it found
-        found = [find_resume_checkpoint(args.work_dir)[0] if main_process else None]
+    if auto:  # one process looks, the others load what it found
+        if main_process:
+            resume_path, state = find_resume_checkpoint(args.work_dir)
         if distributed:
-            dist.broadcast_object_list(found)
-        resume_path = found[0]
+            resume_path = _broadcast(resume_path)
         if resume_path is None and main_process:
             print(f"--resume auto: no checkpoint in {args.work_dir} loads: starting from the beginning")
     elif args.resume:
         resume_path = args.resume
-    if resume_path is not None:
+    if resume_path is not None and state is None:
         state = load_training_state(resume_path)
 
     model = segvit.build_model(cfg["model"])
@@ -425,6 +425,9 @@ def main(argv=None) -> dict:
     latest_path = os.path.join(args.work_dir, "latest.pth")
 
     kept = _prepare_work_dir(args.work_dir, start, resume_path, auto, log_path) if main_process else []
+    if main_process and resume_path is not None and not os.path.exists(latest_path) and \
+            os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), args.work_dir):
+        _atomic.atomic_link(resume_path, latest_path, "latest")  # latest.pth: the newest checkpoint, again
     logged_evals = {r["iter"]: r for r in kept if "mIoU" in r}
     best = max(((r["mIoU"], r["iter"]) for r in logged_evals.values() if math.isfinite(r["mIoU"])),
                default=(-math.inf, None))
@@ -508,10 +511,9 @@ def main(argv=None) -> dict:
         _set_rng_state(state["rng"], rank, world, resume_path)
     del state
     is_eval = lambda it: bool(eval_interval) and (it % eval_interval == 0 or it == max_iters)  # noqa: E731
-    if distributed:
-        logged_evals = {k: True for k in _broadcast(list(logged_evals))}
-    last_eval = logged_evals.get(max_iters) if main_process else None
-    if start > 0 and is_eval(start) and start not in logged_evals:  # killed during (or before) that evaluation
+    evaluated = set(_broadcast(sorted(logged_evals)) if distributed else logged_evals)
+    last_eval = logged_evals.get(max_iters)
+    if start > 0 and is_eval(start) and start not in evaluated:  # killed during (or before) that evaluation
         last_eval = run_eval(start, sums, count)
     for iteration in range(start, max_iters):
         schedule.set_iter(iteration)

@@ -134,14 +134,16 @@ def test_sigkill_anywhere_then_resume_auto_equals_an_uninterrupted_run(tmp_path,
     reference, work = str(tmp_path / "reference"), str(tmp_path / "killed")
     trainer = _Trainer(str(tmp_path / "out.txt"))
     try:
+        began = time.monotonic()
         assert trainer.run(args + ["--work-dir", reference]) == 0, trainer.tail()
+        duration = time.monotonic() - began
         resume = args + ["--work-dir", work, "--resume", "auto"]
 
-        def files():
-            names = set(os.listdir(work))
+        def files(folder=work):
+            names = set(os.listdir(folder))
             for name in names:
                 if name.endswith(".pth"):  # complete, or not there at all
-                    state = torch.load(os.path.join(work, name), weights_only=True)
+                    state = torch.load(os.path.join(folder, name), weights_only=True)
                     assert {"model", "optimizer", "iteration", "rng"} <= set(state), name
             return {n for n in names if not n.endswith(_atomic.TEMP_SUFFIX)}, \
                 any(n.endswith(_atomic.TEMP_SUFFIX) for n in names)
@@ -156,13 +158,14 @@ def test_sigkill_anywhere_then_resume_auto_equals_an_uninterrupted_run(tmp_path,
             ("ckpt:1:synced", lambda names, temp: temp and names == {"log.jsonl"}),
             # iter_2.pth in place, latest.pth not yet made
             ("ckpt:1:replaced", lambda names, temp: names == {"log.jsonl", "iter_2.pth"}),
-            # resumed at 2; inside the save of best_mIoU_iter_3.pth (no iter_3.pth to link)
-            ("best:1:write", lambda names, temp: temp and names == {"log.jsonl", "iter_2.pth"}),
+            # resumed at 2 (latest.pth made, a link of iter_2.pth); inside the save of best_mIoU_iter_3.pth (no
+            # iter_3.pth to link)
+            ("best:1:write", lambda names, temp: temp and names == {"log.jsonl", "iter_2.pth", "latest.pth"}),
             # the best in place, its evaluation not yet logged: evaluated again on resume
             ("best:1:replaced", lambda names, temp: "best_mIoU_iter_3.pth" in names and logged()[-1] == (3, False)),
             # iter_4.pth saved, latest.pth (a link) not yet renamed onto it
-            ("latest:1:synced", lambda names, temp: temp and "iter_4.pth" in names and "latest.pth" not in names
-             and logged().count((3, True)) == 1),
+            ("latest:1:synced", lambda names, temp: temp and "iter_4.pth" in names and logged().count((3, True)) == 1
+             and os.path.samefile(os.path.join(work, "latest.pth"), os.path.join(work, "iter_2.pth"))),
             # resumed at 4: iteration 5 logged, then killed: the log is cut back to 4 on resume ...
             ("step:1:end", lambda names, temp: logged()[-1] == (5, False)),
             # ... and that cut-back itself killed before its fsync: the log as it was
@@ -178,49 +181,47 @@ def test_sigkill_anywhere_then_resume_auto_equals_an_uninterrupted_run(tmp_path,
             status = trainer.run(resume, SEGVIT_FAULT_AT=fault, SEGVIT_FAULT_BYTES="20000")
             assert status == -signal.SIGKILL, (fault, status, trainer.tail())
             assert expected(*files()), (fault, sorted(os.listdir(work)), logged())
-        # wall-clock kills: a short random delay after the run writes to its log
+        assert trainer.run(resume) == 0, trainer.tail()
+        # wall-clock kills, in a work dir of their own: at a random point of a run (a fraction of the reference's
+        # duration), until one completes
         rng = random.Random(11)
-        log_path = os.path.join(work, "log.jsonl")
-        statuses = []
-        for _ in range(3):
-            before = os.path.getsize(log_path)
-            pid = trainer.start(resume)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and os.path.getsize(log_path) == before and _alive(pid):
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.5))
+        statuses, clock = [], str(tmp_path / "clock")
+        for _ in range(4):
+            pid = trainer.start(args + ["--work-dir", clock, "--resume", "auto"])
+            time.sleep(rng.uniform(0.2, 0.8) * duration)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:  # finished first
                 pass
             statuses.append(trainer.wait())
             assert statuses[-1] in (0, -signal.SIGKILL), trainer.tail()
-            files()
+            files(clock)  # every checkpoint complete
         assert -signal.SIGKILL in statuses
-        assert trainer.run(resume) == 0, trainer.tail()
+        assert trainer.run(args + ["--work-dir", clock, "--resume", "auto"]) == 0, trainer.tail()
     finally:
         trainer.close()
 
     expected = _without_time(_log(reference))
     assert [r["iter"] for r in expected if "loss" in r] == list(range(1, 9))
     assert [r["iter"] for r in expected if "mIoU" in r] == [3, 6, 8]
-    assert _without_time(_log(work)) == expected  # each iteration once, every loss and mIoU bit for bit
-    names = sorted(n for n in os.listdir(work) if n.endswith(".pth"))
-    assert names == sorted(n for n in os.listdir(reference) if n.endswith(".pth"))
-    assert "latest.pth" in names and "iter_8.pth" in names and len([n for n in names if n.startswith("iter_")]) == 2
-    assert len([n for n in names if n.startswith("best_mIoU_iter_")]) == 1
-    assert not [n for n in os.listdir(work) if n.endswith(_atomic.TEMP_SUFFIX)]
-    for name in names:
-        a = torch.load(os.path.join(reference, name), weights_only=True)
-        b = torch.load(os.path.join(work, name), weights_only=True)
-        assert a["iteration"] == b["iteration"], name
-        for key, value in a["model"].items():
-            assert torch.equal(value, b["model"][key]), (name, key)
-        for index, group in a["optimizer"]["state"].items():
-            for key, value in group.items():
-                assert torch.equal(value, b["optimizer"]["state"][index][key]), (name, index, key)
-        assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]), name
-    assert os.path.samefile(os.path.join(work, "latest.pth"), os.path.join(work, "iter_8.pth"))
+    for work in (str(tmp_path / "killed"), clock):
+        assert _without_time(_log(work)) == expected  # each iteration once, every loss and mIoU bit for bit
+        names = sorted(n for n in os.listdir(work) if n.endswith(".pth"))
+        assert names == sorted(n for n in os.listdir(reference) if n.endswith(".pth"))
+        assert "latest.pth" in names and "iter_8.pth" in names and len([n for n in names if n.startswith("iter_")]) == 2
+        assert len([n for n in names if n.startswith("best_mIoU_iter_")]) == 1
+        assert not [n for n in os.listdir(work) if n.endswith(_atomic.TEMP_SUFFIX)]
+        for name in names:
+            a = torch.load(os.path.join(reference, name), weights_only=True)
+            b = torch.load(os.path.join(work, name), weights_only=True)
+            assert a["iteration"] == b["iteration"], name
+            for key, value in a["model"].items():
+                assert torch.equal(value, b["model"][key]), (name, key)
+            for index, group in a["optimizer"]["state"].items():
+                for key, value in group.items():
+                    assert torch.equal(value, b["optimizer"]["state"][index][key]), (name, index, key)
+            assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]), name
+        assert os.path.samefile(os.path.join(work, "latest.pth"), os.path.join(work, "iter_8.pth"))
 
 
 def test_a_fault_inside_atomic_save_leaves_the_previous_file(tmp_path):
@@ -240,6 +241,8 @@ def test_a_fault_inside_atomic_save_leaves_the_previous_file(tmp_path):
     assert _atomic.remove_stale_temporaries(str(tmp_path)) == [f".x.pth.123-4{_atomic.TEMP_SUFFIX}"]
     assert _atomic.atomic_link(path, str(tmp_path / "latest.pth")) in ("link", "copy")
     assert torch.equal(torch.load(tmp_path / "latest.pth", weights_only=True)["a"], torch.ones(3))
+    _atomic.atomic_link(path, str(tmp_path / "latest.pth"))  # again (a rename onto the same file would do nothing)
+    assert sorted(os.listdir(tmp_path)) == ["latest.pth", "x.pth"]
 
 
 # -- resume: exact, consistent log, final evaluation, errors ---------------------------------------------------
@@ -341,6 +344,13 @@ def test_batches_and_losses_do_not_depend_on_the_number_of_workers(tmp_path, dat
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the main process with several threads, as on any multi-core machine
     try:
+        losses = {}
+        for workers in (0, 2):
+            work = tmp_path / f"w{workers}"
+            train.main(_common(dropout_config, data, iters=3)[:-1] + [str(workers), "--work-dir", str(work),
+                                                                      "--eval-interval", "0"])
+            losses[workers] = [r["loss"] for r in _log(work)]
+        assert losses[0] == losses[2]  # bitwise
         cfg = load_config(dropout_config)
         dataset = build_dataset(cfg, "train", data, seed=0)
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0,
@@ -356,12 +366,5 @@ def test_batches_and_losses_do_not_depend_on_the_number_of_workers(tmp_path, dat
             del it
         for (a_img, a_lab), (b_img, b_lab) in zip(batches[0], batches[2]):
             assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
-        losses = {}
-        for workers in (0, 2):
-            work = tmp_path / f"w{workers}"
-            train.main(_common(dropout_config, data, iters=3)[:-1] + [str(workers), "--work-dir", str(work),
-                                                                      "--eval-interval", "0"])
-            losses[workers] = [r["loss"] for r in _log(work)]
-        assert losses[0] == losses[2]  # bitwise
     finally:
         torch.set_num_threads(threads)

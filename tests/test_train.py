@@ -204,7 +204,9 @@ def test_cli_train_loss_falls_then_eval_reports_miou(tmp_path, synthetic):
         if "loss" in r:  # the summed loss is the sum of its terms
             assert r["loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("loss_")), rel=1e-5)
     assert sum(losses[:5]) / 5 > sum(losses[-5:]) / 5
-    assert sorted(p.name for p in work.glob("*.pth")) == ["iter_15.pth", "iter_30.pth", "latest.pth"]
+    assert sorted(p.name for p in work.glob("*.pth")) == ["best_mIoU_iter_30.pth", "iter_15.pth", "iter_30.pth",
+                                                          "latest.pth"]  # one evaluation: the best so far
+    assert os.path.samefile(work / "latest.pth", work / "iter_30.pth")  # a link, not a copy
     assert [r["iter"] for r in log if "mIoU" in r] == [30]
     out = subprocess.run([sys.executable, "-m", "segvit.eval", "--config", TINY, "--checkpoint",
                           str(work / "latest.pth"), "--data", synthetic, "--out", str(tmp_path / "r.json")],
