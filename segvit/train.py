@@ -151,10 +151,10 @@ def _rng_state() -> dict:
     """Every random state this process draws from: torch CPU, each CUDA device (where CUDA is in use), Python's
     ``random`` and numpy's global generator (as tensors and plain values: loadable with ``weights_only``)."""
     numpy = np.random.get_state(legacy=False)
+    key = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"bit_generator": numpy["bit_generator"], "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
-                       "pos": int(numpy["state"]["pos"]), "has_gauss": int(numpy["has_gauss"]),
-                       "gauss": float(numpy["gauss"])}}
+             "numpy": {"bit_generator": numpy["bit_generator"], "key": key, "pos": int(numpy["state"]["pos"]),
+                       "has_gauss": int(numpy["has_gauss"]), "gauss": float(numpy["gauss"])}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

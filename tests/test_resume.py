@@ -245,6 +245,19 @@ def test_a_fault_inside_atomic_save_leaves_the_previous_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["latest.pth", "x.pth"]
 
 
+def test_every_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    from segvit import train
+
+    random.seed(3)
+    np = pytest.importorskip("numpy")
+    np.random.seed(4)
+    torch.manual_seed(5)
+    torch.save({"rng": [train._rng_state()]}, tmp_path / "rng.pth")
+    first = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    train._set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"], 0, 1, "rng.pth")
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
+
+
 # -- resume: exact, consistent log, final evaluation, errors ---------------------------------------------------
 
 @pytest.fixture
