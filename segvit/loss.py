@@ -56,7 +56,16 @@ class SegViTLoss(nn.Module):
         targets[images, classes] = classes
         return targets
 
-    def forward(self, out: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def count_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """The number of (image, present class) masks of ``labels`` (B, H, W): what the mask losses are
+        normalised by (a 0-dim tensor on the labels' device)."""
+        return torch.tensor(present_pairs(labels, self.ignore_index)[0].numel(), device=labels.device)
+
+    def forward(self, out: dict, labels: torch.Tensor, *, mean_masks: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """``mean_masks``: the mean mask count per loss call over the data-parallel group the gradients are
+        averaged over (processes x accumulation steps, ``segvit.train --accumulate``); by default the count of
+        this call all-reduced over the processes (1 process: this call's own)."""
         if labels.dim() == 4 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.dim() != 3:
@@ -67,7 +76,12 @@ class SegViTLoss(nn.Module):
         outputs = [out] + list(out.get("aux_outputs", []))[:self.max_aux_outputs]
         num_queries = out["pred_logits"].shape[1]
         class_targets = self.class_targets(labels, num_queries)
-        scale = self._global_mask_scale((class_targets != self.num_classes).sum())
+        local = (class_targets != self.num_classes).sum()
+        if mean_masks is None:
+            scale = self._global_mask_scale(local)
+        else:  # max(local, 1) / max(mean, 1), as _global_mask_scale with the mean given
+            scale = local.float().clamp(min=1.0) / torch.as_tensor(mean_masks, dtype=torch.float32,
+                                                                   device=local.device).clamp(min=1.0)
         losses = {}
         for index, output in enumerate(outputs):
             suffix = "" if index == 0 else f"_{index - 1}"

@@ -1,7 +1,8 @@
 """Train SegViT with the original recipe, on one device or many (``torchrun``).
 
     python -m segvit.train --config NAME_OR_JSON --data DIR --work-dir DIR [--iters N] [--batch-size N]
-                           [--amp bf16|fp16] [--resume PATH|auto] [--max-keep-ckpts N]
+                           [--amp bf16|fp16] [--resume PATH|auto] [--max-keep-ckpts N] [--accumulate N]
+                           [--grad-checkpointing] [--check-data]
     torchrun --nproc_per_node 8 -m segvit.train ...          # multi-GPU; add --nnodes/--node_rank for multi-node
 
 The recipe (``segvit.optim``): AdamW with the original's per-parameter rules, poly schedule with linear warm-up
@@ -9,7 +10,9 @@ set every iteration, gradient clipping at L2 norm 35, the config's training pipe
 several processes: DDP (find_unused_parameters as the original), a DistributedSampler (the batch size is per
 process, as ``samples_per_gpu``), the loss's mask count all-reduced inside ``SegViTLoss``. Every sample's
 augmentation is seeded by (seed, epoch, index) and computed with one intra-op thread, so a run's data do not
-depend on the number of processes or workers (bitwise).
+depend on the number of processes or workers (bitwise). ``--accumulate N``: each optimizer step takes N
+micro-batches, computed as N times as many processes would compute them (their samples, their mask-count
+normalisation, the mean of their gradients); every count (iterations, intervals, schedule) is in optimizer steps.
 
 Work dir: ``log.jsonl`` (one JSON object per logged iteration: ``iter``, ``loss`` = the summed training loss, each
 loss term, ``lr`` (base group), ``grad_norm``, ``time``; per evaluation: ``iter``, ``mIoU``, ``aAcc``, ``mAcc``),
@@ -29,6 +32,7 @@ the training RNG. The final evaluation always runs, also when resuming a checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -53,24 +57,30 @@ _REQUIRED = ("model", "optimizer", "scheduler", "scaler", "iteration")
 
 
 class _EpochBatches:
-    """Yields (epoch, index) lists of one process's batches from a DistributedSampler, epoch after epoch,
-    starting at global iteration ``start`` (resume skips batches without loading them)."""
+    """Yields (epoch, index) lists of one process's batches, epoch after epoch, starting at global iteration
+    ``start`` (resume skips batches without loading them). ``samplers``: one DistributedSampler, or one per
+    accumulation step (``--accumulate N``: the samplers of N consecutive data-parallel ranks); each iteration
+    yields one batch of each, in order, so N micro-batches are the batches N ranks would take."""
 
-    def __init__(self, sampler, batch_size: int, start: int = 0):
-        self.sampler, self.batch_size = sampler, batch_size
-        self.per_epoch = len(sampler) // batch_size
+    def __init__(self, samplers, batch_size: int, start: int = 0):
+        self.samplers = list(samplers) if isinstance(samplers, (list, tuple)) else [samplers]
+        self.batch_size = batch_size
+        self.per_epoch = len(self.samplers[0]) // batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"the dataset gives {len(sampler)} samples per process, fewer than the batch size "
-                             f"{batch_size}")
+            raise ValueError(f"the dataset gives {len(self.samplers[0])} samples per process and accumulation "
+                             f"step, fewer than the batch size {batch_size}")
         self.start = start
 
     def __iter__(self):
         epoch, skip = divmod(self.start, self.per_epoch)
         while True:
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)
+            orders = []
+            for sampler in self.samplers:
+                sampler.set_epoch(epoch)
+                orders.append(list(sampler))
             for b in range(skip, self.per_epoch):
-                yield [(epoch, i) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
+                for indices in orders:
+                    yield [(epoch, i) for i in indices[b * self.batch_size:(b + 1) * self.batch_size]]
             epoch, skip = epoch + 1, 0
 
 
@@ -302,7 +312,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--iters", type=int, default=None,
                         help="default: the config's runner.max_iters; the poly schedule ends here")
-    parser.add_argument("--batch-size", type=int, default=None, help="per process; default samples_per_gpu")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="per process and micro-batch; default samples_per_gpu")
+    parser.add_argument("--accumulate", type=int, default=1, metavar="N",
+                        help="N micro-batches per optimizer step: the same step as N times more data-parallel "
+                             "processes (e.g. the original 8 x 2 recipe on one GPU: --batch-size 2 --accumulate 8)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute backbone blocks and decoder layers in the backward "
+                             "(model.set_grad_checkpointing): less activation memory, the same gradients")
+    parser.add_argument("--check-data", action="store_true",
+                        help="first check every image and label of the train and val splits (as python -m "
+                             "segvit.data check); stop, listing the bad files, if any is bad")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default fp32)")
     parser.add_argument("--resume", default=None,
                         help="a checkpoint of this script (.pth) to continue from, or 'auto': the newest checkpoint "
@@ -323,6 +343,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.max_keep_ckpts is not None and args.max_keep_ckpts < 1:
         parser.error("--max-keep-ckpts must be at least 1")
+    if args.accumulate < 1:
+        parser.error(f"--accumulate must be at least 1, got {args.accumulate}")
 
     import segvit
     from segvit.data import build_dataset, eval_pipeline
@@ -371,6 +393,8 @@ def main(argv=None) -> dict:
             print(f"loaded pretrained backbone {pretrained} ({len(ignored)} checkpoint keys unused)")
     if args.disable_dropout:
         disable_dropout(model)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     segvit.apply_fused_kernels(model).to(device)
     criterion = segvit.SegViTLoss.for_model(model).to(device)
     optimizer = build_optimizer(model, cfg["optimizer"])
@@ -403,12 +427,18 @@ def main(argv=None) -> dict:
 
     dataset = build_dataset(cfg, "train", args.data, seed=args.seed)
     batch_size = args.batch_size or cfg["data"]["samples_per_gpu"]
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
+    # Process r's micro-batch i is data-parallel rank r * N + i of world * N (N = --accumulate): one permutation
+    # shared by all, as DistributedSampler splits it.
+    accumulate = args.accumulate
+    samplers = [torch.utils.data.DistributedSampler(dataset, num_replicas=world * accumulate,
+                                                    rank=rank * accumulate + i, shuffle=True, seed=args.seed,
+                                                    drop_last=True) for i in range(accumulate)]
     workers = cfg["data"].get("workers_per_gpu", 2) if args.workers is None else args.workers
-    batch_sampler = _EpochBatches(sampler, batch_size, start)
+    batch_sampler = _EpochBatches(samplers, batch_size, start)
     data_order = {"seed": args.seed, "world": world, "batch_size": batch_size, "samples": len(dataset),
                   "batches_per_epoch": batch_sampler.per_epoch}
+    if accumulate > 1:  # (kept out of the dict otherwise: checkpoints of earlier runs compare equal)
+        data_order["accumulate"] = accumulate
     if state is not None and state.get("data", {}).get("order", data_order) != data_order:
         warnings.warn(f"--resume {resume_path}: the data order differs from the interrupted run's "
                       f"({state['data']['order']} then, {data_order} now): the batches after iteration {start} are "
@@ -418,6 +448,10 @@ def main(argv=None) -> dict:
                                          worker_init_fn=_worker_init, pin_memory=device.startswith("cuda"))
     val_split = "val" if "val" in cfg["data"] else "test"
     val_dataset = build_dataset(cfg, val_split, args.data)
+    if args.check_data:  # every process checks all of it, so all stop together
+        from segvit.data import check_dataset
+
+        check_dataset({"train": dataset, val_split: val_dataset}, raise_errors=True, progress=main_process)
     val_pipeline = eval_pipeline(cfg, val_split)
     eval_interval, ckpt_interval = _intervals(cfg, args, max_iters)
     log_interval = args.log_interval or cfg.get("log_config", {}).get("interval", 50)
@@ -517,21 +551,38 @@ def main(argv=None) -> dict:
         last_eval = run_eval(start, sums, count)
     for iteration in range(start, max_iters):
         schedule.set_iter(iteration)
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = net(images)
-        losses = criterion(out, labels)
-        loss = sum(losses.values())
+        micro = [next(batches) for _ in range(accumulate)]
+        micro = [(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                 for images, labels in micro]
+        mean_masks = None
+        if accumulate > 1:  # each micro-batch's mask losses normalised as its data-parallel rank's would be
+            mean_masks = torch.stack([criterion.count_masks(labels) for _, labels in micro]).sum().float()
+            if distributed:
+                dist.all_reduce(mean_masks)
+            mean_masks = mean_masks / (world * accumulate)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        terms = 0.0
+        for step, (images, labels) in enumerate(micro):
+            # Gradients are all-reduced (DDP) at the last micro-batch only; each micro-batch adds loss / N, so
+            # the step's gradient is the mean over world * N micro-batches, as DDP's over as many ranks.
+            last = step == accumulate - 1
+            with (net.no_sync() if distributed and not last else contextlib.nullcontext()):
+                with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
+                                    enabled=amp_dtype is not None):
+                    out = net(images)
+                losses = criterion(out, labels, mean_masks=mean_masks)
+                loss = sum(losses.values())
+                scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+            terms = terms + torch.stack([loss.detach()] + [v.detach() for v in losses.values()]).float()
+            del out
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip["max_norm"], norm_type=clip.get("norm_type", 2))
         scaler.step(optimizer)
         scaler.update()
 
-        terms = torch.stack([loss.detach()] + [v.detach() for v in losses.values()]).float()
-        if distributed:  # logged as the mean over processes, as mmcv's log_vars
+        if accumulate > 1:
+            terms = terms / accumulate
+        if distributed:  # logged as the mean over processes (and micro-batches), as mmcv's log_vars
             dist.all_reduce(terms)
             terms /= world
         values = dict(zip(["loss"] + list(losses), terms.tolist()))

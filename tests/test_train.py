@@ -296,3 +296,84 @@ def test_bf16_run_of_a_shrunk_model(tmp_path, synthetic):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert any("mIoU" in r for r in records)
+
+
+def _final_weights(work_dir, iters):
+    return torch.load(os.path.join(work_dir, f"iter_{iters}.pth"), weights_only=True)["model"]
+
+
+def _assert_same_run(a_dir, b_dir, iters, rel=1e-6, atol=1e-6):
+    a = [r for r in _log(a_dir) if "loss" in r]
+    b = [r for r in _log(b_dir) if "loss" in r]
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == list(range(1, iters + 1))
+    for x, y in zip(a, b):
+        for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm", "lr"):
+            assert y[key] == pytest.approx(x[key], rel=rel), (x["iter"], key)
+    wa, wb = _final_weights(a_dir, iters), _final_weights(b_dir, iters)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    assert a[0]["loss"] != a[-1]["loss"]
+
+
+@pytest.mark.parametrize("procs,accumulate,vs", [(1, 2, (2, 1)), (2, 2, (1, 4))],
+                         ids=["1x2-vs-2-processes", "2-processes-x2-vs-1x4"])
+def test_accumulate_equals_data_parallel(tmp_path, synthetic, procs, accumulate, vs):
+    """N micro-batches per step are N data-parallel ranks: the same samples (rank r * N + i of the shared
+    permutation), the same mask-count normalisation (the mean over all micro-batches), the gradient the mean over
+    them, clipping, schedule and log per optimizer step. Dropout off (each rank draws its own masks)."""
+    iters = 3
+    common = ["--config", TINY, "--data", synthetic, "--log-interval", "1", "--eval-interval", "0",
+              "--checkpoint-interval", str(iters), "--iters", str(iters), "--disable-dropout", "--no-progress",
+              "--batch-size", "1", "--workers", "0"]
+
+    def run(work_dir, processes, n):
+        args = common + ["--work-dir", str(work_dir), "--accumulate", str(n)]
+        if processes == 1:
+            cmd = [sys.executable, "-m", "segvit.train"] + args
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes), "-m", "segvit.train"] + args
+        subprocess.run(cmd, check=True, env=_env(), cwd=REPO, timeout=300)
+
+    run(tmp_path / "a", procs, accumulate)
+    run(tmp_path / "b", *vs)
+    # Weights to 1e-5: a key bias of attention has an exactly zero gradient, which rounding makes +-1e-9 noise
+    # that AdamW turns into steps of its own (seen: 1.7e-6); one real step of the head is lr 2e-3.
+    _assert_same_run(tmp_path / "a", tmp_path / "b", iters, atol=1e-5)
+
+
+def test_accumulate_one_is_the_plain_step(tmp_path, synthetic):
+    from segvit import train
+
+    common = ["--config", TINY, "--data", synthetic, "--log-interval", "1", "--eval-interval", "0",
+              "--checkpoint-interval", "2", "--iters", "2", "--no-progress", "--batch-size", "2"]
+    train.main(common + ["--work-dir", str(tmp_path / "a")])
+    train.main(common + ["--work-dir", str(tmp_path / "b"), "--accumulate", "1"])
+    _assert_same_run(tmp_path / "a", tmp_path / "b", 2, rel=0, atol=0)
+    with pytest.raises(SystemExit):
+        train.main(common + ["--work-dir", str(tmp_path / "c"), "--accumulate", "0"])
+
+
+def test_grad_checkpointing_flag_gives_the_plain_run(tmp_path, synthetic):
+    from segvit import train
+
+    common = ["--config", TINY, "--data", synthetic, "--log-interval", "1", "--eval-interval", "0",
+              "--checkpoint-interval", "2", "--iters", "2", "--no-progress", "--batch-size", "2"]
+    train.main(common + ["--work-dir", str(tmp_path / "a")])  # dropout on: the recompute replays the masks
+    train.main(common + ["--work-dir", str(tmp_path / "b"), "--grad-checkpointing"])
+    _assert_same_run(tmp_path / "a", tmp_path / "b", 2, rel=1e-5, atol=1e-6)
+
+
+def test_check_data_stops_before_training_naming_the_file(tmp_path):
+    from segvit import train
+    from segvit.data import DataError
+
+    root = write_synthetic_ade20k(str(tmp_path / "ADE"), num_train=4, num_val=1, num_classes=4, seed=2)
+    bad = sorted((tmp_path / "ADE" / "images" / "training").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    args = ["--config", TINY, "--data", root, "--work-dir", str(tmp_path / "w"), "--iters", "1", "--no-progress",
+            "--eval-interval", "0", "--check-data"]
+    with pytest.raises(DataError, match=bad.name):
+        train.main(args)
+    assert not any(p.suffix == ".pth" for p in (tmp_path / "w").iterdir())  # nothing trained
