@@ -412,6 +412,8 @@ def test_loss_checks_focal_parameters_at_construction(kwargs, match):
     ("backbone", "patch_size", 128, r"model.backbone.img_size: expected at least patch_size=128"),
     ("backbone", "img_size", [64, 0], r"model.backbone.img_size"),
     ("backbone", "img_size", [64.0, 64], r"model.backbone.img_size"),
+    ("backbone", "img_size", 64.0, r"model.backbone.img_size: expected an int or a pair of ints, got 64.0"),
+    ("backbone", "img_size", [64, 64, 3], r"model.backbone.img_size: expected an int or a pair of ints"),
     ("backbone", "mlp_ratio", 0, r"model.backbone.mlp_ratio"),
     ("backbone", "drop_path_rate", 1.5, r"model.backbone.drop_path_rate"),
     ("backbone", "drop_rate", -0.1, r"model.backbone.drop_rate"),

@@ -63,8 +63,14 @@ class _Fields:
             raise ValueError(f"{self.where}: unknown field(s) {sorted(self.cfg)}")
 
 
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+def _pair(value, key: str) -> tuple[int, int]:
+    """An int or a pair of ints (mmseg's size fields); anything else is an error naming the config key."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ValueError(f"{key}: expected an int or a pair of ints, got {value!r}")
 
 
 def _build_backbone(cfg: dict) -> VisionTransformer:
@@ -80,7 +86,7 @@ def _build_backbone(cfg: dict) -> VisionTransformer:
         raise NotImplementedError(f"model.backbone.act_cfg.type={act_cfg.get('type')!r} is not supported (only 'GELU')")
     out_indices = f.get("out_indices", -1)
     kwargs = dict(
-        img_size=_pair(f.get("img_size", 224)), patch_size=f.get("patch_size", 16),
+        img_size=_pair(f.get("img_size", 224), "model.backbone.img_size"), patch_size=f.get("patch_size", 16),
         in_channels=f.get("in_channels", 3), embed_dims=f.get("embed_dims", 768),
         num_layers=f.get("num_layers", 12), num_heads=f.get("num_heads", 12), mlp_ratio=f.get("mlp_ratio", 4),
         out_indices=[out_indices] if isinstance(out_indices, int) else list(out_indices),
@@ -168,8 +174,10 @@ def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
     test_cfg.pop("rescale", None)
     if test_cfg:
         raise ValueError(f"model.test_cfg: unknown field(s) {sorted(test_cfg)}")
-    model = SegViT(backbone, head, test_mode=mode, crop_size=_pair(crop_size) if crop_size else None,
-                   stride=_pair(stride) if stride else None, ignore_index=loss_options["ignore_index"])
+    crop_size = _pair(crop_size, "model.test_cfg.crop_size") if crop_size else None
+    stride = _pair(stride, "model.test_cfg.stride") if stride else None
+    model = SegViT(backbone, head, test_mode=mode, crop_size=crop_size, stride=stride,
+                   ignore_index=loss_options["ignore_index"])
     model.loss_options = loss_options
     if checkpoint is not None:
         from segvit.checkpoint import load_checkpoint
