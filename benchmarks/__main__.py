@@ -183,17 +183,29 @@ def main(argv=None) -> None:
                         help="ViT-B 512 shapes only (query pooling: Shrunk ViT-L 640), fewer rounds (CPU: ViT-B "
                              "model only, one timed round)")
     parser.add_argument("--ops", default=",".join(cases_mod.GROUPS),
-                        help=f"comma-separated subset of: {', '.join(cases_mod.GROUPS)} (default: all)")
+                        help=f"comma-separated subset of: {', '.join(cases_mod.GROUPS)} (default: all), and the "
+                             f"opt-in train_memory (training-step peak memory per model, backend, checkpointing, "
+                             f"precision and batch, a fresh process each: about 20 min on a CPU; "
+                             f"python -m benchmarks.train_memory has its options)")
     parser.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     args = parser.parse_args(argv)
     if argv is None:  # the command line: a terminated run still ends its worker processes (finally blocks run)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     groups = tuple(g.strip() for g in args.ops.split(",") if g.strip())
-    unknown = set(groups) - set(cases_mod.GROUPS)
+    unknown = set(groups) - set(cases_mod.GROUPS) - {"train_memory"}
     if unknown:
-        parser.error(f"--ops: unknown {', '.join(sorted(unknown))}; expected names from {', '.join(cases_mod.GROUPS)}")
+        parser.error(f"--ops: unknown {', '.join(sorted(unknown))}; expected names from "
+                     f"{', '.join(cases_mod.GROUPS + ('train_memory',))}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if "train_memory" in groups:
+        from benchmarks import train_memory
+
+        rows, summary = train_memory.run(args.device, out_dir=os.path.join(args.out, "train_memory"))
+        print(train_memory.markdown(rows, summary))
+        groups = tuple(g for g in groups if g != "train_memory")
+        if not groups:
+            return
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 is set; the Triton interpreter is never benchmarked (CPU: cpp only)")
     started = time.time()

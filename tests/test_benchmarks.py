@@ -335,3 +335,20 @@ def test_every_op_case_builds_the_tensors_its_label_names():
         else:
             assert st["mask_logits"].shape[1] == numbers["K"], case.id
             assert f"labels {st['labels'].shape[1]}x{st['labels'].shape[2]}" in case.label, case.id
+
+
+def test_train_memory_splits_fixed_and_per_image_parts():
+    from benchmarks import train_memory as tm
+
+    assert len(tm.cases()) == 2 * 2 * 2 * 2 * 2  # models x precisions x backends x checkpointing x batches
+    base = dict(model="m", backend="auto", precision="float32", device="cpu")
+    rows = [dict(base, checkpointing=False, batch=1, peak_bytes=10e9, step_s=2.0),
+            dict(base, checkpointing=False, batch=2, peak_bytes=13e9, step_s=3.0),
+            dict(base, checkpointing=True, batch=1, peak_bytes=8e9, step_s=2.6),
+            dict(base, checkpointing=True, batch=2, error="exit 1: boom")]
+    plain, ckpt = tm.summarize(rows)
+    assert plain["per_image_bytes"] == 3e9 and plain["fixed_bytes"] == 7e9
+    assert plain["images_24 GB"] == 5 and plain["images_80 GB"] == 24  # (24 - 7) // 3, (80 - 7) // 3
+    assert "per_image_bytes" not in ckpt and ckpt["time_vs_plain"] == pytest.approx(1.3)
+    table = tm.markdown(rows, [plain, ckpt])
+    assert "error | exit 1: boom" in table and "| 7.00 | 3.00 | 5 | 24 |" in table
