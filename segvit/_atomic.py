@@ -107,6 +107,17 @@ def _replace(tmp: str, path: str, label: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _discard(tmp: str, exc: BaseException, note: str) -> None:
+    """After a failed write: remove the temporary file, and say on the error (not on a KeyboardInterrupt or a
+    SystemExit) which file it was about."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    if isinstance(exc, Exception):
+        exc.add_note(note)
+
+
 def atomic_write(path: str, write, label: str = "file") -> None:
     """Write ``path`` atomically: ``write(f)`` fills a binary file object (a temporary in the same folder), which
     is flushed, fsynced and renamed onto ``path``. On any error the temporary is removed and ``path`` is
@@ -122,13 +133,8 @@ def atomic_write(path: str, write, label: str = "file") -> None:
             os.fsync(f.fileno())
         _replace(tmp, path, label)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, Exception):
-            exc.add_note(f"while writing {path} (through the temporary {tmp}; {os.path.basename(path)} is "
-                         "unchanged)")
+        _discard(tmp, exc, f"while writing {path} (through the temporary {tmp}; {os.path.basename(path)} is "
+                           "unchanged)")
         raise
 
 
@@ -161,12 +167,7 @@ def atomic_link(source: str, path: str, label: str = "file") -> str:
     try:
         _replace(tmp, path, label)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, Exception):
-            exc.add_note(f"while pointing {path} at {source}")
+        _discard(tmp, exc, f"while pointing {path} at {source}")
         raise
     return "link"
 
