@@ -305,6 +305,66 @@ def _prepare_work_dir(work_dir: str, start: int, resumed: str | None, auto: bool
     return kept
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f} M"
+
+
+def banner(*, config: str, model: nn.Module, device: str, world: int, backend: str, amp: str | None,
+           grad_checkpointing: bool, data_root: str, splits: dict, batch_size: int, accumulate: int, start: int,
+           max_iters: int, intervals: dict, work_dir: str, tensorboard: str | None) -> str:
+    """The lines ``segvit.train`` prints before its first iteration: what runs, where, on what, and where it writes."""
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone = model.backbone
+    effective = batch_size * accumulate * world
+    lines = [
+        f"segvit.train: {config}",
+        f"  model       {type(model).__name__} ({type(backbone).__name__}: {len(backbone.blocks)} blocks, width "
+        f"{backbone.embed_dims}; {type(model.head).__name__}, {model.num_classes} classes); "
+        f"{_millions(params)} parameters ({_millions(trainable)} trainable)",
+        f"  device      {device} x {world} process{'es' if world > 1 else ''}, segvit.ops backend {backend}, "
+        f"{ {None: 'float32', 'bf16': 'bfloat16 autocast', 'fp16': 'float16 autocast'}[amp]}"
+        f"{', activation checkpointing' if grad_checkpointing else ''}",
+        f"  data        {data_root}: " + ", ".join(f"{split} {n} images" for split, n in splits.items()),
+        f"  batch       {batch_size} per process x {accumulate} micro-batch{'es' if accumulate > 1 else ''} x "
+        f"{world} process{'es' if world > 1 else ''} = {effective} images per optimizer step",
+        f"  iterations  {max_iters} optimizer steps" + (f", resuming at {start}" if start else "") + "; "
+        + ", ".join(f"{what} every {n}" if n else f"no {what}" for what, n in intervals.items()),
+        f"  writes      {work_dir} (log.jsonl, iter_N.pth, latest.pth"
+        + (", best_mIoU_iter_N.pth" if intervals.get("eval") else "") + ")"
+        + (f"; TensorBoard: {tensorboard}" if tensorboard else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    days, seconds = divmod(seconds, 86400)
+    text = f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def log_line(record: dict, max_iters: int) -> str:
+    """One human line of a ``log.jsonl`` record (a training window or an evaluation)."""
+    if "mIoU" in record:
+        return (f"eval  iter {record['iter']}/{max_iters}  mIoU {record['mIoU']:.2f}  mAcc {record['mAcc']:.2f}  "
+                f"aAcc {record['aAcc']:.2f}")
+    terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
+    eta = record["time"] * (max_iters - record["iter"])
+    return (f"train iter {record['iter']}/{max_iters}  {terms}  lr {record['lr']:.3e}  grad_norm "
+            f"{record['grad_norm']:.3f}  {record['time']:.3f} s/it  eta {_duration(eta)}")
+
+
+def _tensorboard_writer(log_dir: str, start: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install segvit[tensorboard] "
+                          "(or pip install tensorboard)") from exc
+    # purge_step: on resume, the events past the checkpoint (an abandoned continuation) are dropped, as log.jsonl's
+    return SummaryWriter(log_dir, purge_step=start + 1 if start else None)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m segvit.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="published model name or JSON config file")
@@ -339,7 +399,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--disable-dropout", action="store_true", help="all dropout off (reproducibility checks)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: a log line on stdout every --log-interval iterations instead (also "
+                             "printed when stdout is not a terminal)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write the loss terms, lr, grad norm and the evaluations as TensorBoard scalars "
+                             "to WORK_DIR/tensorboard (needs the tensorboard package: pip install segvit[tensorboard])")
     args = parser.parse_args(argv)
     if args.max_keep_ckpts is not None and args.max_keep_ckpts < 1:
         parser.error("--max-keep-ckpts must be at least 1")
@@ -531,8 +596,24 @@ def main(argv=None) -> dict:
             best = (record["mIoU"], iteration)
         log(record)
         if main_process:
-            tqdm.write(json.dumps(record))
+            tqdm.write(log_line(record, max_iters))
+            if writer is not None:
+                for key in ("mIoU", "mAcc", "aAcc"):
+                    writer.add_scalar(f"val/{key}", record[key], iteration)
+                writer.flush()
         return record
+
+    tensorboard_dir = os.path.join(args.work_dir, "tensorboard") if args.tensorboard else None
+    writer = _tensorboard_writer(tensorboard_dir, start) if tensorboard_dir and main_process else None
+    # A line per log interval on stdout when no progress bar shows it (off, or stdout is a file or a pipe).
+    talk = main_process and (args.no_progress or not sys.stdout.isatty())
+    if main_process:
+        print(banner(config=args.config, model=model, device=device, world=world, backend=segvit.ops.get_backend(),
+                     amp=args.amp, grad_checkpointing=args.grad_checkpointing, data_root=args.data,
+                     splits={"train": len(dataset), val_split: len(val_dataset)}, batch_size=batch_size,
+                     accumulate=accumulate, start=start, max_iters=max_iters,
+                     intervals={"log": log_interval, "checkpoint": ckpt_interval, "eval": eval_interval},
+                     work_dir=args.work_dir, tensorboard=tensorboard_dir), flush=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -600,6 +681,13 @@ def main(argv=None) -> dict:
                       "time": (now - tick) / count}
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if talk:
+                tqdm.write(log_line(record, max_iters), file=sys.stdout)
+                sys.stdout.flush()
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "iter":
+                        writer.add_scalar(f"train/{key}", value, done)
             sums, count, tick = {}, 0, now
         if done % ckpt_interval == 0 or done == max_iters:
             checkpoint = training_state(done, sums, count)
@@ -612,6 +700,8 @@ def main(argv=None) -> dict:
         _atomic.count("step")
         _atomic.fault_point("step", "end")  # test-only (segvit._atomic): a kill between iterations
     bar.close()
+    if writer is not None:
+        writer.close()
     if distributed:
         # DDP's reducer holds the gloo/nccl process group: if it outlives destroy_process_group, the group's worker
         # threads are torn down during interpreter finalisation, which aborts ("terminate called without an active
