@@ -149,6 +149,43 @@ def _build_head(cfg: dict, backbone: VisionTransformer):
     return head, loss_options
 
 
+def _attach_data_attributes(model: SegViT, name_or_cfg) -> None:
+    """``model.data_config`` (the test-time preprocessing ``segvit.inference`` applies: ``mean``, ``std``,
+    ``to_rgb``, and the test pipeline's keep-ratio resize ``img_scale``, ``keep_ratio``, ``min_size`` where
+    present), ``model.dataset``, ``model.class_names`` and ``model.palette``, from a published name or a whole
+    config; None each where the config does not say (a bare ``model`` dict has no data part). Class names are
+    attached only when their count is the model's (a config may reuse a dataset type with other classes); the
+    palette then is ``segvit.classes.colormap(num_classes)``."""
+    from segvit import classes
+
+    whole = published_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    if not (isinstance(whole, dict) and "model" in whole and "type" not in whole):
+        whole = {}
+    steps = ((whole.get("data") or {}).get("test") or {}).get("pipeline") or []
+    aug = next((s for s in steps if isinstance(s, dict) and s.get("type") == "MultiScaleFlipAug"), {})
+    inner = aug.get("transforms") or []
+    resize = next((t for t in inner if isinstance(t, dict) and t.get("type") == "Resize"), None)
+    # The test pipeline's Normalize is what segvit.eval applies; img_norm_cfg (the same values in the
+    # published configs) is the fallback.
+    norm = next((t for t in inner if isinstance(t, dict) and t.get("type") == "Normalize"), None)
+    norm = norm or whole.get("img_norm_cfg")
+    data_config = None
+    if norm and "mean" in norm and "std" in norm:
+        data_config = {"mean": [float(v) for v in norm["mean"]], "std": [float(v) for v in norm["std"]],
+                       "to_rgb": bool(norm.get("to_rgb", True)), "img_scale": None}
+        if resize is not None and aug.get("img_scale") is not None:
+            data_config["img_scale"] = copy.deepcopy(aug["img_scale"])
+            data_config["keep_ratio"] = resize.get("keep_ratio", True)
+            if resize.get("min_size") is not None:
+                data_config["min_size"] = resize["min_size"]
+    dataset = classes.dataset_of(whole)
+    names = classes.class_names(dataset) if dataset is not None else None
+    model.data_config = data_config
+    model.dataset = dataset
+    model.class_names = names if names is not None and len(names) == model.num_classes else None
+    model.palette = classes.colormap(model.num_classes) if whole else None
+
+
 def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
     """A SegViT model from a published name (see ``list_models()``) or an original config's ``model`` dict
     (a whole config with a ``model`` key is accepted too). With a ``checkpoint`` (``load_checkpoint``) the model is
@@ -179,6 +216,7 @@ def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
     model = SegViT(backbone, head, test_mode=mode, crop_size=crop_size, stride=stride,
                    ignore_index=loss_options["ignore_index"])
     model.loss_options = loss_options
+    _attach_data_attributes(model, name_or_cfg)
     if checkpoint is not None:
         from segvit.checkpoint import load_checkpoint
 
