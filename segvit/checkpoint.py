@@ -6,6 +6,7 @@ templates, read in one direction to load and in the other to export. ``{i}`` is 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -13,10 +14,11 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 
 def _decoder_rules(original: str, ours: str) -> list[tuple[str, str]]:
@@ -170,25 +172,24 @@ def _names_real_global(message: str) -> bool:
         return True
 
 
-def _read(path_or_state_dict) -> Mapping[str, torch.Tensor]:
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        obj = read_checkpoint_file(path_or_state_dict)
-    else:
-        obj = path_or_state_dict
+def _read(path_or_state_dict) -> tuple[Mapping[str, torch.Tensor], bool]:
+    """The state dict and whether its tensors are ours to keep (read from a file here, not the caller's)."""
+    owned = isinstance(path_or_state_dict, (str, os.PathLike))
+    obj = read_checkpoint_file(path_or_state_dict) if owned else path_or_state_dict
     if not isinstance(obj, Mapping):
         raise TypeError(f"checkpoint: expected a state dict or a dict with 'state_dict', got {type(obj).__name__}")
     for wrapper in ("state_dict", "model"):
         if wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
             break
-    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in obj.items())
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in obj.items()), owned
 
 
-def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -> nn.Module:
-    """Load an original SegViT checkpoint (mmcv: ``{"state_dict": ..., "meta": ...}`` or a bare state dict
-    with the names of ``checkpoint-keys/``) or a segvit one into ``model``. With ``strict``, missing, unexpected
-    and mis-shaped entries raise one error listing them all. Returns the model."""
-    state_dict = _read(path_or_state_dict)
+def _matched(model: nn.Module, path_or_state_dict, strict: bool):
+    """The checkpoint under segvit's names, whether its tensors are ours, and the model's keys it lacks; raises
+    the one error listing every problem (mis-shaped entries always, missing and unexpected ones with
+    ``strict``)."""
+    state_dict, owned = _read(path_or_state_dict)
     if is_original_format(state_dict):
         state_dict = from_original(state_dict, _head_type(model))
     expected = model.state_dict()
@@ -200,5 +201,123 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)) if keys]
     if mis_shaped or (strict and problems):
         raise RuntimeError("load_checkpoint: the checkpoint does not match the model:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state_dict, strict=False)
+    return state_dict, owned, missing
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -> nn.Module:
+    """Load an original SegViT checkpoint (mmcv: ``{"state_dict": ..., "meta": ...}`` or a bare state dict
+    with the names of ``checkpoint-keys/``) or a segvit one into ``model``. With ``strict``, missing, unexpected
+    and mis-shaped entries raise one error listing them all. Returns the model.
+
+    A model built under ``skip_init()`` (parameters on the ``meta`` device, no values) is filled by assignment:
+    its parameters become the checkpoint's tensors (float32 on the default device, as a copy would make them).
+    Such a model needs every entry: missing keys are an error even with ``strict=False``, since there is no
+    initialisation to keep (``build_model(..., checkpoint=..., strict=False)`` runs the full one instead)."""
+    return load_or_rebuild(model, path_or_state_dict, strict)
+
+
+# ---- Loading without the random initialisation it replaces ----
+#
+# build_model(..., checkpoint=...) builds the modules under skip_init(): every parameter is created on the meta
+# device (a shape and dtype, no memory) and the init functions are not run, then the checkpoint's tensors are
+# assigned to the parameters. For ViT-L that skips ~1.4 GB of random draws (seconds on a CPU) and never holds the
+# weights twice. The values are the ones a build-then-copy gives, bit for bit: the same dtype conversion of the
+# same tensors.
+
+_INIT_FUNCTIONS = frozenset(getattr(nn.init, name) for name in (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+    "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_"))
+_FILL_METHODS = frozenset((torch.Tensor.normal_, torch.Tensor.uniform_))
+
+
+class _SkipMetaFills(TorchFunctionMode):
+    """Init functions (``torch.nn.init.*``, ``Tensor.normal_`` / ``uniform_``) on meta tensors return at once.
+    On the meta device they draw nothing anyway, but ``normal_`` has no meta kernel and goes through a Python
+    decomposition that imports torch._dynamo (~2 s) the first time. A torch function mode is thread-local:
+    another thread building a model meanwhile is not affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_FUNCTIONS or func in _FILL_METHODS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Modules built inside have their parameters and buffers on the ``meta`` device, uninitialised: a
+    skeleton for ``load_checkpoint`` to fill (which then needs every entry)."""
+    with torch.device("meta"), _SkipMetaFills():
+        yield
+
+
+def _is_skeleton(model: nn.Module) -> bool:
+    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+
+
+def _unfillable(model: nn.Module, missing: list[str]) -> list[str]:
+    """What assignment from the checkpoint would leave without a value (or get wrong): its missing entries,
+    buffers outside the state dict (non-persistent, computed in ``__init__``), parameters shared by two
+    modules (assignment would untie them)."""
+    state_keys = set(model.state_dict())
+    out = list(missing)
+    out += [name for name, b in model.named_buffers(remove_duplicate=False) if b.is_meta and name not in state_keys]
+    names_by_param: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(p), []).append(name)
+    out += [" = ".join(names) + " (tied)" for names in names_by_param.values() if len(names) > 1]
+    return out
+
+
+def _assign(model: nn.Module, state_dict: Mapping[str, torch.Tensor], owned: bool) -> None:
+    """Fill a skeleton: each entry becomes a contiguous tensor of the parameter's dtype on the default device,
+    the checkpoint's own tensor where it already is one and is not shared (tensors read from a file here), a
+    fresh copy otherwise (a caller's tensors are never aliased). ``requires_grad`` stays as built."""
+    device = torch.get_default_device()
+    expected = model.state_dict()
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    seen_storages: set[int] = set()
+    values = OrderedDict()
+    for key, target in expected.items():
+        value = state_dict[key].detach()
+        reusable = (owned and value.device == device and value.dtype == target.dtype and value.numel() > 0
+                    and value.is_contiguous() and value.storage_offset() == 0
+                    and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+                    and value.untyped_storage().data_ptr() not in seen_storages)
+        if reusable:
+            seen_storages.add(value.untyped_storage().data_ptr())
+        else:  # exactly what load_state_dict's copy_ into the built parameter does
+            value = torch.empty(target.shape, dtype=target.dtype, device=device).copy_(value)
+        values[key] = value
+    model.load_state_dict(values, strict=True, assign=True)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    untracked = [name for name, p in model.named_parameters() if p.requires_grad != requires_grad[name]]
+    if left or untracked:  # an internal error: _unfillable missed a case
+        raise RuntimeError(f"load_checkpoint: assignment left {left} on the meta device and changed requires_grad "
+                           f"of {untracked}")
+
+
+def load_or_rebuild(model: nn.Module, path_or_state_dict, strict: bool = True,
+                    rebuild: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """``load_checkpoint``, returning the loaded model, which for a skeleton (built under ``skip_init()``) may
+    be another one: when assignment cannot fill every entry (``strict=False`` with missing keys, or a module
+    whose values do not all come from the state dict), ``rebuild()`` builds the model with its full random
+    initialisation (the same draws as a build without a checkpoint) and the checkpoint is copied into it, as
+    before the skip existed. Without ``rebuild`` that case is an error."""
+    state_dict, owned, missing = _matched(model, path_or_state_dict, strict)
+    if not _is_skeleton(model):
+        model.load_state_dict(state_dict, strict=False)
+        return model
+    unfillable = _unfillable(model, missing)
+    if unfillable and rebuild is None:
+        raise RuntimeError(f"load_checkpoint: the model was built without values (on the meta device) and the "
+                           f"checkpoint has none for {', '.join(unfillable)}; build it on a real device (or use "
+                           f"build_model(..., checkpoint=..., strict=False), which initialises them)")
+    if unfillable:
+        model = rebuild()
+        model.load_state_dict(state_dict, strict=False)
+        return model
+    _assign(model, state_dict, owned)
     return model

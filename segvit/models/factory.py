@@ -6,6 +6,7 @@ implementation does not support the value given. Unknown types and unknown field
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from importlib import resources
@@ -186,11 +187,40 @@ def _attach_data_attributes(model: SegViT, name_or_cfg) -> None:
     model.palette = classes.colormap(model.num_classes) if whole else None
 
 
-def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
+def _skip_init_if(skip: bool):
+    from segvit.checkpoint import skip_init
+
+    return skip_init() if skip else contextlib.nullcontext()
+
+
+def build_model(name_or_cfg: str | dict, checkpoint=None, pretrained: bool = False, *,
+                strict: bool = True) -> SegViT:
     """A SegViT model from a published name (see ``list_models()``) or an original config's ``model`` dict
     (a whole config with a ``model`` key is accepted too). With a ``checkpoint`` (``load_checkpoint``) the model is
     returned in eval mode, ready for inference as mmseg's and Hugging Face's loaders return it (call ``.train()``
-    to fine-tune); without one, in training mode, as a freshly built ``nn.Module``."""
+    to fine-tune); without one, in training mode, as a freshly built ``nn.Module``.
+
+    ``pretrained=True`` (a published name only) loads the official weights, fetched from the Hugging Face Hub
+    into its cache by ``segvit.hub.official_checkpoint(name)`` (needs ``pip install segvit[hub]``; honours
+    ``HF_HUB_OFFLINE`` and ``HF_HOME`` / ``HF_HUB_CACHE``), as ``checkpoint=`` loads a file.
+
+    With a checkpoint the random initialisation is skipped: the modules are built without values and the
+    checkpoint's tensors become the parameters (``segvit.checkpoint.skip_init``), giving, bit for bit, the model
+    a build-then-load gives, in a fraction of the time; only torch's global RNG is no longer advanced by the
+    init draws. ``strict=False`` lets missing and unexpected keys pass (mis-shaped ones never): the missing
+    ones then keep their random initialisation, for which the full one is run."""
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained: expected a bool, got {pretrained!r}")
+    if pretrained:
+        if checkpoint is not None:
+            raise ValueError("build_model: pass either pretrained=True (the official weights) or checkpoint=PATH, "
+                             "not both")
+        if not isinstance(name_or_cfg, str):
+            raise ValueError("build_model: pretrained=True needs a published model name (segvit.hub."
+                             "official_models()), got a config dict; pass its weights as checkpoint=PATH")
+        from segvit.hub import official_checkpoint
+
+        checkpoint = official_checkpoint(name_or_cfg)
     cfg = published_config(name_or_cfg)["model"] if isinstance(name_or_cfg, str) else copy.deepcopy(name_or_cfg)
     if "model" in cfg and "type" not in cfg:
         cfg = cfg["model"]
@@ -198,8 +228,9 @@ def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
     kind = f.require("type")
     if kind != "EncoderDecoder":
         raise ValueError(f"model.type: expected 'EncoderDecoder', got {kind!r}")
-    backbone = _build_backbone(f.require("backbone"))
-    head, loss_options = _build_head(f.require("decode_head"), backbone)
+    with _skip_init_if(checkpoint is not None):  # the checkpoint replaces the random init: skip it
+        backbone = _build_backbone(f.require("backbone"))
+        head, loss_options = _build_head(f.require("decode_head"), backbone)
     for key in ("neck", "auxiliary_head"):
         if f.get(key) is not None:
             raise NotImplementedError(f"model.{key} is not supported in SegViT")
@@ -218,8 +249,8 @@ def build_model(name_or_cfg: str | dict, checkpoint=None) -> SegViT:
     model.loss_options = loss_options
     _attach_data_attributes(model, name_or_cfg)
     if checkpoint is not None:
-        from segvit.checkpoint import load_checkpoint
+        from segvit.checkpoint import load_or_rebuild
 
-        load_checkpoint(model, checkpoint)
+        model = load_or_rebuild(model, checkpoint, strict=strict, rebuild=lambda: build_model(name_or_cfg))
         model.eval()
     return model
