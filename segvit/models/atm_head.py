@@ -165,7 +165,9 @@ class ATMHead(nn.Module):
 
     def forward(self, features: list[Tokens]) -> dict:
         features = features[:self.use_stages][::-1]  # deepest first
-        queries = self.class_queries.weight.expand(features[0][0].shape[0], -1, -1)
+        # repeat, not expand: under no_grad an expanded parameter is a view that claims requires_grad without a
+        # grad_fn, which torch's ModuleTracker (FlopCounterMode) cannot hook; the copy is (B, K, C), negligible.
+        queries = self.class_queries.weight.repeat(features[0][0].shape[0], 1, 1)
         class_logits, stage_masks = [], []
         for stage, (tokens, grid) in zip(self.stages, features):
             queries, similarity = stage(queries, tokens)[-1]

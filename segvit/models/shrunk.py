@@ -26,7 +26,8 @@ class SingleStageATM(nn.Module):
         self.class_embed = nn.Linear(dim, num_classes + 1)
 
     def forward(self, feature: torch.Tensor, grid: tuple[int, int]) -> dict:
-        queries = self.class_queries.weight.expand(feature.shape[0], -1, -1)
+        # repeat, not expand: see ATMHead.forward (FlopCounterMode under no_grad)
+        queries = self.class_queries.weight.repeat(feature.shape[0], 1, 1)
         per_layer = self.stage(queries, feature)
         return head_outputs([self.class_embed(q) for q, _ in per_layer],
                             [similarity_to_masks(s, grid) for _, s in per_layer])
@@ -57,7 +58,8 @@ class ShrunkHead(nn.Module):
 
     def forward(self, features: list[Tokens]) -> dict:
         features = features[:self.use_stages]  # shallow first, unlike the cascade head
-        queries = self.grid_queries.weight.expand(features[0][0].shape[0], -1, -1)
+        # repeat, not expand: see ATMHead.forward (FlopCounterMode under no_grad)
+        queries = self.grid_queries.weight.repeat(features[0][0].shape[0], 1, 1)
         for stage, (tokens, _) in zip(self.qu_stages, features):
             queries = stage(queries, tokens)[-1][0]
         return self.atm(queries, self.query_grid)
