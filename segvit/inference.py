@@ -132,8 +132,9 @@ def inference(model, inputs, *, mode: str | None = None, return_scores: bool = F
     a uint8 numpy array (H, W) / (H, W, 3) / (H, W, 4) or a uint8 tensor (3, H, W) / (H, W, 3) (1 or 4 channels
     too; alpha is dropped). Float inputs are refused: ``model.predict`` is the call for normalized float tensors.
     ``mode``: None (the config's test mode), "whole" or "slide". ``device``: where the model runs (default: the
-    model's device; the model is not moved, inputs are). ``amp``: None, "bf16" or "fp16" (autocast on the
-    device). ``batch_size``: images per ``model.predict`` call (images whose resized sizes differ run apart).
+    model's device; given, the model is moved there, as ``model.to(device)``). ``amp``: None, "bf16" or "fp16"
+    (autocast on the device). ``batch_size``: images per ``model.predict`` call (images whose resized sizes differ
+    run apart).
 
     Returns, for one image, a (H, W) int64 label map on the CPU, and with ``return_scores`` the pair (labels,
     (K, H, W) float32 class probabilities: the softmax of the scores resized to the image, as ``segvit.eval``);
@@ -150,7 +151,11 @@ def inference(model, inputs, *, mode: str | None = None, return_scores: bool = F
         raise ValueError(f"mode: expected None, 'whole' or 'slide', got {mode!r}")
     single = not isinstance(inputs, (list, tuple))
     items = [inputs] if single else list(inputs)
-    device = torch.device(device) if device is not None else _model_device(model)
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)  # no-op when it is there already
+    else:
+        device = _model_device(model)
     dtype = _AMP[amp]
 
     from tqdm import tqdm

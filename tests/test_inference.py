@@ -99,6 +99,7 @@ def test_every_input_kind_gives_the_same_labels(model, tmp_path):
     }
     for kind, value in kinds.items():
         assert torch.equal(inference(model, value), expected), kind
+    assert torch.equal(inference(model, img, device="cpu"), expected)
 
 
 def test_grayscale_is_repeated(model):
