@@ -90,7 +90,10 @@ def _build(args, parser):
     except ValueError as e:
         parser.error(str(e).replace("--config", "--model"))
     if args.pretrained:
-        model = segvit.build_model(args.model if args.model in segvit.list_models() else cfg, pretrained=True)
+        if args.model not in segvit.list_models():
+            parser.error(f"--pretrained: the official weights exist for the published models only "
+                         f"({', '.join(segvit.list_models())}), got --model {args.model!r}; give --checkpoint PATH")
+        model = segvit.build_model(args.model, pretrained=True)
     else:
         if not os.path.isfile(args.checkpoint):
             parser.error(f"--checkpoint: no such file: {args.checkpoint!r}")

@@ -114,6 +114,9 @@ def test_errors(setup, tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one of --checkpoint / --pretrained is required
         main(["--model", setup[0], str(tmp_path / "in"), "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        main(["--model", setup[0], "--pretrained", str(tmp_path / "in"), "--out-dir", str(tmp_path / "o")])
+    assert "--pretrained: the official weights exist for the published models only" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="nope"):
         collect_inputs([str(tmp_path / "nope")])
 
