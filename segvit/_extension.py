@@ -1,7 +1,13 @@
-"""The compiled extension ``segvit._C`` (built from csrc/ by setup.py), loaded lazily and at most once.
+"""The compiled extension ``segvit._C`` (built from csrc/ by setup.py), loaded at most once.
 
 Importing ``segvit._C`` registers the ``torch.ops.segvit.*`` schemas and their CPU (and, when built, CUDA)
 kernels; this module adds their fake (meta) kernels, so ``torch.compile`` and ``torch.library.opcheck`` work.
+
+``segvit.ops`` calls ``load()`` when it is imported (about 10 ms; a missing or broken build only records why), so
+the load, with its lock and its ``torch.library`` registrations, never happens inside a ``torch.compile`` or
+``torch.export`` trace: Dynamo cannot enter a lock, and registering kernels while tracing would be wrong anyway.
+Afterwards ``load()``, ``status()`` and ``has_cuda_kernels()`` only read module globals, which Dynamo traces as
+constants.
 """
 from __future__ import annotations
 
@@ -16,13 +22,19 @@ _lock = threading.Lock()
 _loaded = False
 _module = None
 _reason = ""
+_has_cuda = False
 
 
 def load():
     """The ``segvit._C`` module, or None when it is not built or fails to load (see ``status()``)."""
-    global _loaded, _module, _reason
-    if _loaded:
+    global _loaded, _module, _reason, _has_cuda
+    if _loaded:  # lock-free fast path: the only path a compiled or exported call takes
         return _module
+    if torch.compiler.is_compiling():
+        # Not reachable through segvit.ops (its import loads the extension); said plainly rather than as Dynamo's
+        # "unsupported context manager".
+        raise RuntimeError("segvit._extension.load() was first called inside a torch.compile/torch.export trace; "
+                           "import segvit.ops (or call segvit._extension.load()) before compiling")
     with _lock:
         if _loaded:
             return _module
@@ -34,8 +46,11 @@ def load():
             _module, _reason = None, f"segvit._C failed to load ({exc}); rebuild: {_BUILD_HINT}"
         else:
             _register_fakes()
-            _module, _reason = _C, "available"
-            _check_torch_version(_C.build_info().get("torch_version", ""))
+            info = _C.build_info()
+            # Cached: build_info() is a pybind11 call, which Dynamo cannot trace (has_cuda_kernels() runs while
+            # the dispatcher picks a backend, inside compiled code).
+            _module, _reason, _has_cuda = _C, "available", bool(info.get("cuda", False))
+            _check_torch_version(info.get("torch_version", ""))
         _loaded = True
     return _module
 
@@ -83,8 +98,7 @@ def registered_kernels() -> dict[str, list[str]]:
 
 def has_cuda_kernels() -> bool:
     """True when the extension loaded and was compiled with its CUDA sources."""
-    module = load()
-    return module is not None and bool(module.build_info().get("cuda", False))
+    return load() is not None and _has_cuda
 
 
 def _register_fakes() -> None:

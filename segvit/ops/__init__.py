@@ -10,5 +10,16 @@ from segvit.ops.mask_classify import mask_classify
 from segvit.ops.mask_losses import mask_losses
 from segvit.ops.query_pool_attention import query_pool_attention
 
+# The extension (cpp/cuda backends) loads now, once the op modules whose autograd formulas it registers exist: a
+# first load inside a torch.compile/torch.export trace cannot work (segvit/_extension.py). Without a build this
+# only records why (segvit.ops.available_backends()).
+from segvit import _extension as _ext  # noqa: E402
+from segvit.ops import _flops  # noqa: E402
+
+_ext.load()
+# FLOP formulas of the custom ops, so FlopCounterMode counts the fused backends as it counts eager.
+_flops.register()
+del _ext
+
 __all__ = ["BACKENDS", "available_backends", "get_backend", "use_backend", "atm_attention", "mask_classify",
            "mask_losses", "query_pool_attention"]
