@@ -1,14 +1,16 @@
 """segvit: SegViT (NeurIPS 2022, "Semantic Segmentation with Plain Vision Transformers") with fused kernels.
 
     import segvit
-    model = segvit.build_model("segvit_vit-l16_ade20k_640", checkpoint="ade_54.6.pth")
-    scores = model.predict(images)                      # (B, 150, H, W)
+    model = segvit.build_model("segvit_vit-l16_ade20k_640", pretrained=True)   # or checkpoint="ade_54.6.pth"
+    labels = segvit.inference(model, "room.jpg")        # (H, W) class indices: files, PIL images, uint8 arrays
+    scores = model.predict(images)                      # (B, 150, H, W) from normalized float tensors
     loss = segvit.SegViTLoss.for_model(model)(model(images), labels)
 """
 __version__ = "0.1.0"
 
-from segvit import metrics, ops
+from segvit import classes, metrics, ops, visualize
 from segvit.checkpoint import load_checkpoint
+from segvit.inference import inference
 from segvit.loss import SegViTLoss
 from segvit.models import SegViT, build_model, list_models, published_config
 from segvit.pretrained import load_pretrained_backbone
@@ -22,5 +24,5 @@ def apply_fused_kernels(model):
     return model
 
 
-__all__ = ["SegViT", "SegViTLoss", "apply_fused_kernels", "build_model", "list_models", "load_checkpoint",
-           "load_pretrained_backbone", "metrics", "ops", "published_config"]
+__all__ = ["SegViT", "SegViTLoss", "apply_fused_kernels", "build_model", "classes", "inference", "list_models",
+           "load_checkpoint", "load_pretrained_backbone", "metrics", "ops", "published_config", "visualize"]

@@ -1,6 +1,7 @@
 """Evaluate a SegViT checkpoint on a dataset as mmsegmentation's ``tools/test.py`` does.
 
-    python -m segvit.eval --config NAME_OR_JSON --checkpoint PATH --data DIR [--mode whole|slide] [--aug-test]
+    python -m segvit.eval --config NAME_OR_JSON (--checkpoint PATH | --pretrained) --data DIR [--mode whole|slide]
+                          [--aug-test] [--out FILE] [--show-dir DIR]
 
 Per image: the config's test pipeline (keep-ratio resize to ``img_scale * ratio``, ``min_size`` where the config
 has it, normalisation), ``model.predict`` (whole image or sliding windows with the config's crop and stride; crops
@@ -8,6 +9,12 @@ smaller than the window simply run at their size), scores resized to the origina
 flipped back for flipped inputs, averaged over the scales and flips (``--aug-test``: ratios 0.5 ... 1.75 and a
 horizontal flip), argmax. IoU areas are summed over the dataset (``segvit.metrics``). Under ``torchrun`` the
 images are split over the processes and the areas summed.
+
+Output: the per-class table with the dataset's class names (``segvit.classes``) and the summary line. PASCAL-Context
+is reported as published: mIoU and mAcc over its 59 classes (the background class 0 left out of the means, the model
+still predicts it), the 60-class means beside them. ``--out FILE``: the same as JSON, every figure in percent.
+``--show-dir DIR``: each image with its prediction over it and a legend. ``--pretrained``: the official weights of a
+published ``--config`` from the Hugging Face Hub instead of ``--checkpoint``.
 """
 from __future__ import annotations
 
@@ -24,17 +31,46 @@ import torch.nn.functional as F
 AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
+def published_equivalent(path: str) -> str | None:
+    """The published model an original SegViT ``.py`` config file most likely is (from its path: backbone size,
+    ``shrink``, dataset, crop size), or None."""
+    import segvit
+
+    text = path.lower().replace("_", "-")
+    wanted = []
+    wanted.append("vit-b16" if "vit-b" in text else "vit-l16")
+    wanted.append("shrunk" if "shrink" in text or "shrunk" in text else None)
+    dataset = next((d for key, d in (("coco", "cocostuff10k"), ("ade", "ade20k"), ("-pc", "pc60"),
+                                     ("context", "pc60")) if key in text), None)
+    found = [name for name in segvit.list_models() if wanted[0] in name and (dataset is None or dataset in name)
+             and (("shrunk" in name) == (wanted[1] is not None))]
+    return found[0] if len(found) == 1 else None
+
+
 def load_config(name_or_json: str) -> dict:
-    """A published model name (``segvit.list_models()``) or the path of a JSON config of the same form."""
+    """A published model name (``segvit.list_models()``) or the path of a JSON config of the same form. An original
+    mmcv ``.py`` config is refused with the published equivalent named (its ``_base_`` inheritance needs mmcv)."""
     import segvit
 
     if name_or_json in segvit.list_models():
         return segvit.published_config(name_or_json)
-    if os.path.isfile(name_or_json):
-        with open(name_or_json) as f:
+    if not os.path.isfile(name_or_json):
+        raise ValueError(f"--config: {name_or_json!r} is neither a published model "
+                         f"({', '.join(segvit.list_models())}) nor an existing JSON file")
+    if name_or_json.endswith(".py"):
+        same = published_equivalent(name_or_json)
+        raise ValueError(
+            f"--config {name_or_json}: an original SegViT (mmcv) .py config; segvit reads published names and JSON "
+            "configs, not Python ones (their _base_ inheritance is mmcv's). "
+            + (f"Its published equivalent is {same!r}: pass --config {same}. " if same else
+               f"The published configurations: {', '.join(segvit.list_models())}. ")
+            + "A modified config: write the merged dict as JSON (with mmcv: Config.fromfile(path).dump('cfg.json')), "
+            "or start from segvit.published_config(name) and json.dump it.")
+    with open(name_or_json) as f:
+        try:
             return json.load(f)
-    raise ValueError(f"--config: {name_or_json!r} is neither a published model ({', '.join(segvit.list_models())}) "
-                     f"nor an existing JSON file")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {name_or_json}: not a JSON config ({exc})") from exc
 
 
 @torch.no_grad()
@@ -59,9 +95,17 @@ def inference(model, img: np.ndarray, pipeline, *, mode: str | None = None, rati
 
 @torch.no_grad()
 def evaluate(model, dataset, pipeline, *, mode: str | None = None, aug_test: bool = False, device="cpu",
-             dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+             dtype: torch.dtype | None = None, progress: bool = True, show_dir: str | None = None,
+             class_names=None, palette=None, opacity: float = 0.5) -> dict:
     """``segvit.metrics`` results over ``dataset`` (raw items: uint8 image, label), sharded over processes
-    when torch.distributed is initialised."""
+    when torch.distributed is initialised. ``show_dir``: each image's prediction drawn over it (``palette``, with
+    a legend of ``class_names``) to ``show_dir/<image stem>.png``."""
+    if show_dir is not None:
+        from segvit import visualize
+
+        if palette is None:
+            raise ValueError("evaluate(show_dir=...): a palette is needed (segvit.classes.palette(dataset))")
+        os.makedirs(show_dir, exist_ok=True)
     from tqdm import tqdm
 
     from segvit.metrics import IoUAccumulator
@@ -76,7 +120,12 @@ def evaluate(model, dataset, pipeline, *, mode: str | None = None, aug_test: boo
         img, label, _ = dataset[i]
         probs = inference(model, img, pipeline, mode=mode, ratios=AUG_RATIOS if aug_test else (1.0,),
                           flip=aug_test, device=device, dtype=dtype)
-        acc.update(probs.argmax(0).cpu(), torch.from_numpy(np.asarray(label)))
+        pred = probs.argmax(0).cpu()
+        acc.update(pred, torch.from_numpy(np.asarray(label)))
+        if show_dir is not None:
+            stem = os.path.splitext(os.path.basename(dataset.paths(i)[0]))[0]
+            visualize.save_overlay(os.path.join(show_dir, f"{stem}.png"), img, pred.numpy(), palette,
+                                   class_names=class_names, opacity=opacity)
     if distributed:
         areas = acc.areas().to(device)
         dist.all_reduce(areas)
@@ -86,22 +135,68 @@ def evaluate(model, dataset, pipeline, *, mode: str | None = None, aug_test: boo
     return acc.compute()
 
 
+def headline(results: dict, background: int | None = None) -> dict:
+    """``results`` with ``mIoU`` and ``mAcc`` as published. With a ``background`` class (PASCAL-Context's 0): its
+    IoU and Acc left out of both means (the published 59-class figures; the model still has 60 outputs), and the
+    means over every class kept as ``mIoU_all`` and ``mAcc_all``; ``aAcc`` is over every labelled pixel either way."""
+    if background is None:
+        return results
+    keep = torch.ones(len(results["IoU"]), dtype=torch.bool)
+    keep[background] = False
+    mean = lambda v: float(np.nanmean(v[keep].numpy())) if (~torch.isnan(v[keep])).any() else float("nan")  # noqa: E731
+    return {**results, "mIoU": mean(results["IoU"]), "mAcc": mean(results["Acc"]),
+            "mIoU_all": results["mIoU"], "mAcc_all": results["mAcc"], "background": background}
+
+
 def summary(results: dict) -> dict:
-    """The JSON-friendly part of the results (percent, as mmseg prints them)."""
-    return {k: round(100 * results[k], 2) for k in ("mIoU", "aAcc", "mAcc")}
+    """The JSON-friendly part of the results, in percent (as mmseg prints them): mIoU, aAcc, mAcc (and mIoU_all,
+    mAcc_all where ``headline`` left a background class out)."""
+    return {k: round(100 * results[k], 2) for k in ("mIoU", "aAcc", "mAcc", "mIoU_all", "mAcc_all") if k in results}
+
+
+def report(results: dict, class_names=None) -> dict:
+    """What ``--out`` writes: every figure in percent (rounded to 0.01; null where a class never occurs), per
+    class with its name."""
+    per_class = lambda v: [None if np.isnan(x) else round(100 * x, 2) for x in v.tolist()]  # noqa: E731
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(results["IoU"]))]
+    out = {"units": "percent", **summary(results), "classes": names, "IoU": per_class(results["IoU"]),
+           "Acc": per_class(results["Acc"])}
+    if "background" in results:
+        out["background"] = names[results["background"]]
+    return out
+
+
+def dataset_classes(cfg: dict, num_classes: int):
+    """(class names, palette, background class) of the config's dataset (``segvit.classes``): generic names
+    ("class 0", ...) and palette, and no background, for a dataset it does not know or a class count that differs
+    from the dataset's."""
+    from segvit import classes
+
+    dataset = classes.dataset_of(cfg)
+    if dataset is not None and len(classes.class_names(dataset)) == num_classes:
+        return list(classes.class_names(dataset)), classes.palette(dataset), classes.background_index(dataset)
+    return [f"class {i}" for i in range(num_classes)], classes.colormap(num_classes), None
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m segvit.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="published model name or JSON config file")
-    parser.add_argument("--checkpoint", required=True, help="original (mmcv) or segvit checkpoint (.pth)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="original (mmcv) or segvit checkpoint (.pth)")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="the official checkpoint of the published --config, from the Hugging Face Hub "
+                              "(Akide/SegViTv1; needs huggingface_hub: pip install segvit[hub])")
     parser.add_argument("--data", required=True, help="dataset root (for ADE20K: the ADEChallengeData2016 folder)")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="default: the config's test_cfg")
     parser.add_argument("--aug-test", action="store_true", help="multi-scale (0.5 ... 1.75) with flip")
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the results as JSON here (every figure in percent, per class with its name)")
+    parser.add_argument("--show-dir", default=None,
+                        help="write each image with its prediction drawn over it (and a legend) to this folder")
+    parser.add_argument("--opacity", type=float, default=0.5, help="of the prediction in --show-dir (0 to 1)")
     parser.add_argument("--check-data", action="store_true",
                         help="first check every image and label (as python -m segvit.data check) and stop, listing "
                              "the bad files, if any is bad")
@@ -119,23 +214,33 @@ def main(argv=None) -> dict:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if args.pretrained and args.config not in segvit.list_models():
+        parser.error(f"--pretrained: official weights exist for the published configurations only "
+                     f"({', '.join(segvit.list_models())}), got --config {args.config}")
+    if not 0 <= args.opacity <= 1:
+        parser.error(f"--opacity: expected a number in [0, 1], got {args.opacity}")
     cfg = load_config(args.config)
     dataset = build_dataset(cfg, args.split, args.data)
     if args.check_data:  # every process checks all of it, so all stop together
         from segvit.data import check_dataset
 
         check_dataset({args.split: dataset}, raise_errors=True, progress=not distributed or dist.get_rank() == 0)
-    model = segvit.build_model(cfg["model"], checkpoint=args.checkpoint)  # original, or segvit.train's "model"
+    if args.pretrained:
+        model = segvit.build_model(args.config, pretrained=True)
+    else:
+        model = segvit.build_model(cfg, checkpoint=args.checkpoint)  # original, or segvit.train's "model"
     segvit.apply_fused_kernels(model).to(device)
+    names, palette, background = dataset_classes(cfg, model.num_classes)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
     results = evaluate(model, dataset, eval_pipeline(cfg, args.split), mode=args.mode, aug_test=args.aug_test,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype, show_dir=args.show_dir, class_names=names, palette=palette,
+                       opacity=args.opacity)
+    results = headline(results, background)
     if not distributed or dist.get_rank() == 0:
-        print(format_table(results))
+        print(format_table(results, names))
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({**summary(results), "IoU": [None if np.isnan(v) else v for v in results["IoU"].tolist()]},
-                          f)
+                json.dump(report(results, names), f, indent=1)
     if distributed:
         dist.destroy_process_group()
     return results

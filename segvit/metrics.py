@@ -109,5 +109,9 @@ def format_table(results: dict, class_names: Iterable[str] | None = None) -> str
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
     for name, i, a in zip(names, iou.tolist(), acc.tolist()):
         lines.append(f"{name:<{width}}  {100 * i:6.2f}  {100 * a:6.2f}")
-    lines.append(f"mIoU {100 * results['mIoU']:.2f}  aAcc {100 * results['aAcc']:.2f}  mAcc {100 * results['mAcc']:.2f}")
+    line = f"mIoU {100 * results['mIoU']:.2f}  aAcc {100 * results['aAcc']:.2f}  mAcc {100 * results['mAcc']:.2f}"
+    if "background" in results:  # segvit.eval.headline: the means without the background class, as published
+        line += (f"  (without {names[results['background']]}; over all {len(names)} classes: mIoU "
+                 f"{100 * results['mIoU_all']:.2f}  mAcc {100 * results['mAcc_all']:.2f})")
+    lines.append(line)
     return "\n".join(lines)

@@ -413,7 +413,7 @@ def main(argv=None) -> dict:
 
     import segvit
     from segvit.data import build_dataset, eval_pipeline
-    from segvit.eval import evaluate, summary
+    from segvit.eval import dataset_classes, evaluate, headline, summary
     from segvit.optim import PolyWarmupSchedule, build_optimizer
     from segvit.pretrained import load_pretrained_backbone
     from tqdm import tqdm
@@ -518,6 +518,7 @@ def main(argv=None) -> dict:
 
         check_dataset({"train": dataset, val_split: val_dataset}, raise_errors=True, progress=main_process)
     val_pipeline = eval_pipeline(cfg, val_split)
+    background = dataset_classes(cfg, model.num_classes)[2]
     eval_interval, ckpt_interval = _intervals(cfg, args, max_iters)
     log_interval = args.log_interval or cfg.get("log_config", {}).get("interval", 50)
     log_path = os.path.join(args.work_dir, "log.jsonl")
@@ -577,7 +578,8 @@ def main(argv=None) -> dict:
                                progress=not args.no_progress)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-        record = {"iter": iteration, "mode": "val", **summary(results)}
+        # (PASCAL-Context: the published 59-class means, which also choose the best checkpoint)
+        record = {"iter": iteration, "mode": "val", **summary(headline(results, background))}
         # (is it the best so far, is there no iter_N.pth of this state to link): decided once, for every process
         decision = (main_process and math.isfinite(record["mIoU"]) and record["mIoU"] > best[0], saved_at != iteration)
         if distributed:
