@@ -12,5 +12,5 @@ if [ "$(uname -s)" = Linux ]; then
   "$PYTHON" -c "import triton" 2>/dev/null || pip_install triton==3.8.0
 fi
 pip_install "setuptools>=64" wheel ninja numpy pybind11
-pip_install --no-build-isolation -e ".[test,bench]"
+pip_install --no-build-isolation -e ".[test,bench,hub,tensorboard,onnx]"
 "$PYTHON" -m segvit.info
