@@ -120,6 +120,10 @@ class CheckpointError(RuntimeError):
     objects that safe loading refuses); the message names the file and says which."""
 
 
+class RefusedObjectsError(CheckpointError):
+    """A complete checkpoint holding objects that safe loading (``weights_only=True``) refuses."""
+
+
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 _PICKLE_MAGIC = b"\x80"      # the legacy format: a pickle (protocol >= 2)
 
@@ -150,7 +154,7 @@ def read_checkpoint_file(path) -> object:
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc) and _names_real_global(str(exc)):
             # A valid checkpoint with objects safe loading does not allow (e.g. an mmcv ``meta`` of classes).
-            raise CheckpointError(
+            raise RefusedObjectsError(
                 f"checkpoint {name!r} holds objects that safe loading (weights_only=True) refuses: {exc}\nIf you "
                 "trust the file, pass torch.load(path, map_location='cpu', weights_only=False) to load_checkpoint "
                 "instead.") from exc
@@ -307,7 +311,9 @@ def load_or_rebuild(model: nn.Module, path_or_state_dict, strict: bool = True,
     initialisation (the same draws as a build without a checkpoint) and the checkpoint is copied into it, as
     before the skip existed. Without ``rebuild`` that case is an error."""
     state_dict, owned, missing = _matched(model, path_or_state_dict, strict)
-    if not _is_skeleton(model):
+    # A model with values takes a copy, as always; so does a skeleton given meta tensors (a check of names and
+    # shapes: nothing to fill it with).
+    if not _is_skeleton(model) or any(v.is_meta for v in state_dict.values() if isinstance(v, torch.Tensor)):
         model.load_state_dict(state_dict, strict=False)
         return model
     unfillable = _unfillable(model, missing)

@@ -213,3 +213,8 @@ def test_skip_init_leaves_real_tensors_alone():
         nn.init.ones_(real)
         meta = torch.zeros(3)
     assert torch.equal(real, torch.ones(3)) and meta.is_meta
+
+
+def test_strict_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="strict: expected a bool"):
+        segvit.build_model(tiny_config(), checkpoint=tmp_path / "x.pth", strict="no")

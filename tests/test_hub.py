@@ -160,3 +160,13 @@ def test_a_failed_download_says_how_to_get_it(hub_cache, monkeypatch):
     assert (repo_id, filename) == ("Akide/SegViTv1", "COCOstuff_49.9.pth")
     assert kwargs["revision"] == "main" and kwargs["local_files_only"] is False
     assert kwargs["cache_dir"] == os.environ["HF_HUB_CACHE"]
+
+
+def test_a_damaged_cached_file_says_to_fetch_it_again(hub_cache, monkeypatch):
+    name = "segvit_vit-b16_ade20k_512"
+    tiny_published(monkeypatch, name, "ATMHead")
+    path = hub_cache("ade_51.3.pth", {"state_dict": to_original(segvit.build_model(tiny_config()))})
+    path.write_bytes(path.read_bytes()[:200])  # an interrupted copy
+    with pytest.raises(segvit.checkpoint.CheckpointError, match=r"(?s)truncated.*official_checkpoint\("
+                       r"'segvit_vit-b16_ade20k_512', force_download=True\)"):
+        segvit.build_model(name, pretrained=True)

@@ -211,6 +211,8 @@ def build_model(name_or_cfg: str | dict, checkpoint=None, pretrained: bool = Fal
     ones then keep their random initialisation, for which the full one is run."""
     if not isinstance(pretrained, bool):
         raise TypeError(f"pretrained: expected a bool, got {pretrained!r}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected a bool, got {strict!r}")
     if pretrained:
         if checkpoint is not None:
             raise ValueError("build_model: pass either pretrained=True (the official weights) or checkpoint=PATH, "
@@ -249,8 +251,15 @@ def build_model(name_or_cfg: str | dict, checkpoint=None, pretrained: bool = Fal
     model.loss_options = loss_options
     _attach_data_attributes(model, name_or_cfg)
     if checkpoint is not None:
-        from segvit.checkpoint import load_or_rebuild
+        from segvit.checkpoint import CheckpointError, RefusedObjectsError, load_or_rebuild
 
-        model = load_or_rebuild(model, checkpoint, strict=strict, rebuild=lambda: build_model(name_or_cfg))
+        try:
+            model = load_or_rebuild(model, checkpoint, strict=strict, rebuild=lambda: build_model(name_or_cfg))
+        except CheckpointError as exc:
+            if not pretrained or isinstance(exc, RefusedObjectsError):  # only a broken file is fetched again
+                raise
+            raise CheckpointError(f"{exc}\nThe cached official checkpoint of {name_or_cfg!r} is damaged: fetch it "
+                                  f"again with segvit.hub.official_checkpoint({name_or_cfg!r}, force_download=True)"
+                                  ) from exc
         model.eval()
     return model
