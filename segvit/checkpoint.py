@@ -214,9 +214,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
     and mis-shaped entries raise one error listing them all. Returns the model.
 
     A model built under ``skip_init()`` (parameters on the ``meta`` device, no values) is filled by assignment:
-    its parameters become the checkpoint's tensors (float32 on the default device, as a copy would make them).
-    Such a model needs every entry: missing keys are an error even with ``strict=False``, since there is no
-    initialisation to keep (``build_model(..., checkpoint=..., strict=False)`` runs the full one instead)."""
+    its parameters become the checkpoint's tensors (in the parameter's dtype, on the default device, as a copy
+    would make them). Such a model needs every entry: missing keys are an error even with ``strict=False``, since
+    there is no initialisation to keep (``build_model(..., checkpoint=..., strict=False)`` runs the full one)."""
     return load_or_rebuild(model, path_or_state_dict, strict)
 
 
@@ -311,9 +311,13 @@ def load_or_rebuild(model: nn.Module, path_or_state_dict, strict: bool = True,
     initialisation (the same draws as a build without a checkpoint) and the checkpoint is copied into it, as
     before the skip existed. Without ``rebuild`` that case is an error."""
     state_dict, owned, missing = _matched(model, path_or_state_dict, strict)
-    # A model with values takes a copy, as always; so does a skeleton given meta tensors (a check of names and
-    # shapes: nothing to fill it with).
-    if not _is_skeleton(model) or any(v.is_meta for v in state_dict.values() if isinstance(v, torch.Tensor)):
+    if not _is_skeleton(model):  # a model with values takes a copy, as always
+        model.load_state_dict(state_dict, strict=False)
+        return model
+    if any(v.is_meta for v in state_dict.values() if isinstance(v, torch.Tensor)):
+        # Meta tensors hold nothing to fill with: into a skeleton, a check of the names and shapes; build_model
+        # does what it did before (a real model, into which they cannot be copied).
+        model = model if rebuild is None else rebuild()
         model.load_state_dict(state_dict, strict=False)
         return model
     unfillable = _unfillable(model, missing)
