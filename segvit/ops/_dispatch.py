@@ -5,6 +5,11 @@ Each op declares, per backend, a kernel and a function that lists why that kerne
 in the device's preference order. A backend the user asked for by name that cannot take the inputs is an error
 listing its reasons; under ``auto`` a passed-over backend that is present but refuses the inputs is reported
 once as a warning (a backend that merely has no kernel for the op yet is passed over silently).
+
+During ``torch.onnx.export`` only ``eager`` fits: the fused kernels are custom ops that ONNX has no operator for,
+so ``auto`` exports the original's math (plain ATen ops, which the exporter translates) and a fused backend asked
+for by name is an error saying so. ``torch.export`` and ``torch.compile`` keep the fused ops (they have fake
+kernels, autograd formulas and FLOP formulas).
 """
 from __future__ import annotations
 
@@ -102,6 +107,9 @@ class Op:
         kernel = self.kernels.get(backend)
         if kernel is None:
             return [f"no {backend} kernel for {self.name} (not implemented)"]
+        if backend != "eager" and onnx_exporting():
+            return [f"torch.onnx.export: the {backend} kernel is a custom op without an ONNX translation (the "
+                    f"'auto' and 'eager' backends export the eager math)"]
         return kernel.reasons(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -124,8 +132,9 @@ class Op:
             reasons = self.why_not(backend, *args, **kwargs)
             if not reasons:
                 return self._call(backend, args, kwargs)
-            # warnings.warn cannot be traced by torch.compile(fullgraph=True); an eager call warns as usual.
-            if backend in self.kernels and not torch.compiler.is_compiling():
+            # warnings.warn cannot be traced by torch.compile(fullgraph=True); an eager call warns as usual. An
+            # ONNX export passing over the fused backends is expected, not worth a warning.
+            if backend in self.kernels and not torch.compiler.is_compiling() and not onnx_exporting():
                 _warn_once(self.name, backend, reasons)
         raise AssertionError("unreachable: the eager kernel takes every valid input")
 
@@ -135,6 +144,22 @@ class Op:
             # Fused backwards are first order only: create_graph=True differentiates the eager formula instead.
             result = _second_order.attach(self, backend, result, args, kwargs)
         return result
+
+
+def onnx_exporting() -> bool:
+    """Whether a ``torch.onnx.export`` is running (the TorchScript exporter or ``dynamo=True``)."""
+    import sys
+
+    # No export can be running before torch.onnx is imported; importing it here would cost every first op call.
+    onnx = sys.modules.get("torch.onnx")
+    if onnx is None:
+        return False
+    if onnx.is_in_onnx_export():
+        return True
+    # Dynamo folds is_in_onnx_export() to False, so the exporter's strict (Dynamo) capture would keep the fused ops;
+    # the flag behind it (private, hence read defensively) is a plain module global that Dynamo reads as it is.
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 _warned: set[tuple[str, str]] = set()
