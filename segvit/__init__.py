@@ -8,7 +8,7 @@
 """
 __version__ = "0.1.0"
 
-from segvit import classes, metrics, ops, visualize
+from segvit import classes, hub, metrics, ops, visualize
 from segvit.checkpoint import load_checkpoint
 from segvit.inference import inference
 from segvit.loss import SegViTLoss
@@ -24,5 +24,5 @@ def apply_fused_kernels(model):
     return model
 
 
-__all__ = ["SegViT", "SegViTLoss", "apply_fused_kernels", "build_model", "classes", "inference", "list_models",
+__all__ = ["SegViT", "SegViTLoss", "apply_fused_kernels", "build_model", "classes", "hub", "inference", "list_models",
            "load_checkpoint", "load_pretrained_backbone", "metrics", "ops", "published_config", "visualize"]

@@ -201,10 +201,15 @@ def _matched(model: nn.Module, path_or_state_dict, strict: bool):
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
                   for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
-    problems = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
+    shown = 12  # a checkpoint of another model size mismatches hundreds of keys: the first few say enough
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:shown])}"
+                + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "") for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)) if keys]
     if mis_shaped or (strict and problems):
-        raise RuntimeError("load_checkpoint: the checkpoint does not match the model:\n  " + "\n  ".join(problems))
+        hint = ("\n  (most of the model's entries differ: a checkpoint of another configuration? check --config / "
+                "the model name)" if len(mis_shaped) + len(missing) > len(expected) // 2 else "")
+        raise RuntimeError("load_checkpoint: the checkpoint does not match the model:\n  " + "\n  ".join(problems)
+                           + hint)
     return state_dict, owned, missing
 
 

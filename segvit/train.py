@@ -391,6 +391,10 @@ def main(argv=None) -> dict:
                         help="keep only the newest N iter_N.pth (latest.pth and the best checkpoint always stay); "
                              "default: all")
     parser.add_argument("--pretrained", default=None, help="local ViT weights (timm or mmseg format)")
+    parser.add_argument("--load-from", default=None, metavar="PATH|official",
+                        help="start from these whole-model weights (fine-tuning: iteration 0, a fresh optimizer): a "
+                             "checkpoint file (original mmcv or segvit), or 'official': the published weights of "
+                             "--config from the Hugging Face Hub (pip install segvit[hub])")
     parser.add_argument("--eval-interval", type=int, default=None,
                         help="default: the config's evaluation.interval, else 4000; 0: no evaluation")
     parser.add_argument("--checkpoint-interval", type=int, default=None)
@@ -410,6 +414,9 @@ def main(argv=None) -> dict:
         parser.error("--max-keep-ckpts must be at least 1")
     if args.accumulate < 1:
         parser.error(f"--accumulate must be at least 1, got {args.accumulate}")
+    if args.load_from and args.pretrained:
+        parser.error("--load-from and --pretrained: give one (--load-from loads the whole model, --pretrained the "
+                     "backbone only)")
 
     import segvit
     from segvit.data import build_dataset, eval_pipeline
@@ -450,8 +457,22 @@ def main(argv=None) -> dict:
     if resume_path is not None and state is None:
         state = load_training_state(resume_path)
 
-    model = segvit.build_model(cfg["model"])
-    pretrained = None if state is not None else _pretrained(cfg, args.pretrained)
+    if args.load_from and state is None:
+        if args.load_from == "official":
+            if args.config not in segvit.list_models():
+                parser.error(f"--load-from official: official weights exist for the published configurations only "
+                             f"({', '.join(segvit.list_models())}), got --config {args.config}")
+            model = segvit.build_model(args.config, pretrained=True)
+        else:
+            model = segvit.build_model(cfg["model"], checkpoint=args.load_from)
+        model.train()
+        if main_process:
+            print(f"loaded the model's weights from {args.load_from}")
+    else:
+        if args.load_from and main_process:
+            print(f"--load-from {args.load_from}: not used, the run resumes from {resume_path}")
+        model = segvit.build_model(cfg["model"])
+    pretrained = None if state is not None or args.load_from else _pretrained(cfg, args.pretrained)
     if pretrained:
         ignored = load_pretrained_backbone(model, pretrained)
         if main_process:

@@ -103,3 +103,15 @@ def test_build_model_with_a_checkpoint_is_in_eval_mode(make_config, tmp_path):
     loaded = segvit.build_model(make_config(), checkpoint=tmp_path / "ckpt.pth")
     assert not any(m.training for m in loaded.modules())
     assert segvit.build_model(make_config()).training  # no checkpoint: a fresh module, in training mode
+
+
+def test_a_checkpoint_of_another_size_gives_a_short_error_with_a_hint():
+    from conftest import tiny_config
+
+    small = segvit.build_model(tiny_config(embed_dims=32))
+    large = segvit.build_model(tiny_config(embed_dims=64, num_layers=6))
+    with pytest.raises(RuntimeError) as info:
+        segvit.load_checkpoint(large, small.state_dict())
+    message = str(info.value)
+    assert "more)" in message and "another configuration" in message
+    assert len(message) < 3000, len(message)
