@@ -85,3 +85,81 @@ def test_auto_fallback_warning_does_not_break_the_graph(monkeypatch):
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q)
         with pytest.warns(UserWarning, match="auto skipped backend 'cpp': refuses for the test"):
             torch.testing.assert_close(compiled, fn(q))
+
+
+# --- torch.compile as the first segvit call of a fresh process (issue 13 item 4) -----------------------------------
+# Each case runs in its own interpreter: what used to fail (the extension's first load, under a lock, inside Dynamo's
+# trace) happens only once per process, so an earlier test in this process would hide it.
+
+_FRESH = r"""
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+import segvit
+from conftest import tiny_config
+
+def flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [out["pred_logits"], out["pred_masks"]] + [t for a in out["aux_outputs"] for t in a.values()]
+
+torch.manual_seed(0)
+model = segvit.build_model(tiny_config(head={head!r}, img_size=32, num_layers=3, head_layers=1)).eval()
+images = torch.randn(2, 3, {size}, {size})
+call = {call}
+compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+errors = {{}}
+for backend in {backends!r}:  # auto first: the first op call of the process is a compiled cpp one
+    with torch.no_grad(), segvit.ops.use_backend(backend):
+        actual = flat(compiled(images))
+        expected = flat(call(images))
+    errors[backend] = max((a - e).abs().max().item() for a, e in zip(actual, expected, strict=True))
+print(json.dumps({{"errors": errors, "cpp": segvit.ops.available_backends()["cpp"]}}))
+"""
+
+_CALLS = {"forward": "model", "predict_whole": "lambda x: model.predict(x, 'whole')",
+          "predict_slide": "lambda x: model.predict(x, 'slide')"}
+
+
+def _run_fresh(code: str, env=None) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("head, call", [("ATMHead", "forward"), ("TPNATMHead", "predict_whole"),
+                                        ("ATMHead", "predict_slide")])
+def test_compile_fullgraph_is_the_first_call_of_a_fresh_process(head, call):
+    import os
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    size = 40 if call == "predict_slide" else 32  # 40 > the 32 crop: four overlapping windows
+    # eager too where it is cheap: its compiled graph holds no custom op, so it never depended on the fix
+    backends = ("auto", "eager") if call == "forward" else ("auto",)
+    report = _run_fresh(_FRESH.format(tests=tests, head=head, size=size, call=_CALLS[call], backends=backends))
+    # aot_eager runs the same kernels as the eager call: equal up to the float32 rounding of reordered ops.
+    assert set(report["errors"]) == set(backends) and max(report["errors"].values()) <= 1e-5, report
+
+
+def test_compile_fullgraph_without_the_extension_falls_back_to_eager():
+    # segvit._C made unimportable (as where it was never built): segvit imports, says why cpp is unavailable, and a
+    # compiled auto call runs the eager kernels.
+    import os
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    block = ("import sys, importlib.abc\n"
+             "class _NoExtension(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'segvit._C':\n"
+             "            raise ImportError('blocked for the test')\n"
+             "sys.meta_path.insert(0, _NoExtension())\n")
+    report = _run_fresh(block + _FRESH.format(tests=tests, head="TPNATMHead", size=32, call=_CALLS["predict_whole"],
+                                              backends=("auto",)))
+    assert "not built" in report["cpp"] and "blocked for the test" in report["cpp"], report
+    assert report["errors"]["auto"] <= 1e-5, report
