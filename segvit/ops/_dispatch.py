@@ -14,6 +14,7 @@ kernels, autograd formulas and FLOP formulas).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -148,8 +149,6 @@ class Op:
 
 def onnx_exporting() -> bool:
     """Whether a ``torch.onnx.export`` is running (the TorchScript exporter or ``dynamo=True``)."""
-    import sys
-
     # No export can be running before torch.onnx is imported; importing it here would cost every first op call.
     onnx = sys.modules.get("torch.onnx")
     if onnx is None:
