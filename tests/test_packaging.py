@@ -189,12 +189,12 @@ def test_project_table():
     deps = {d.split(";")[0].strip().split(">=")[0] for d in project["dependencies"]}
     assert deps == {"torch", "numpy", "triton", "tqdm", "pillow"}
     assert "torch>=2.4" in project["dependencies"]
-    assert set(project["optional-dependencies"]) >= {"test", "bench"}
+    assert set(project["optional-dependencies"]) >= {"test", "bench", "hub", "tensorboard", "onnx"}
     # an isolated build must never fetch a torch of its own to build against
     assert not any(r.startswith("torch") for r in PYPROJECT["build-system"]["requires"])
 
 
-@pytest.mark.parametrize("name", ["segvit-train", "segvit-eval", "segvit-info", "segvit-data"])
+@pytest.mark.parametrize("name", ["segvit-train", "segvit-eval", "segvit-predict", "segvit-info", "segvit-data"])
 def test_console_script_targets(name, monkeypatch):
     target = PYPROJECT["project"]["scripts"][name]
     module, _, attr = target.partition(":")
@@ -219,9 +219,10 @@ def test_info_main_prints_and_returns_none(capsys):
 def test_train_and_eval_cli_return_none(monkeypatch):
     # a console script's return value is its exit status: cli() must not hand back main()'s results dict
     import segvit.eval
+    import segvit.predict
     import segvit.train
 
-    for module in (segvit.train, segvit.eval):
+    for module in (segvit.train, segvit.eval, segvit.predict):
         monkeypatch.setattr(module, "main", lambda argv=None: {"mIoU": 1.0})
         assert module.cli() is None
 
