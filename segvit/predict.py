@@ -7,7 +7,9 @@ INPUTS are image files, folders (the images directly inside, sorted by name) or 
 folders and globs take the files ending in .jpg, .jpeg, .png, .bmp, .tif, .tiff or .webp (any case), a file named
 explicitly is taken whatever its name. Per image, ``DIR/<stem>.png`` is the label map as a palette PNG (pixel value
 = class index) and ``DIR/<stem>_overlay.png`` the image with the classes drawn over it and a legend of the classes
-present. Images with the same stem (``a/x.jpg``, ``b/x.png``) get ``x``, ``x_1``, ... in input order.
+present. Images with the same stem (``a/x.jpg``, ``b/x.png``) get ``x``, ``x_1``, ... in input order. A file that
+cannot be read (truncated, not an image) is skipped with a message naming it; the others are written, and the
+command then exits with status 1 listing every skipped file.
 """
 from __future__ import annotations
 
@@ -131,16 +133,24 @@ def main(argv=None) -> list[str]:
     # Without names the legend names classes by index.
     names = model.class_names if getattr(model, "class_names", None) is not None else ()
     os.makedirs(args.out_dir, exist_ok=True)
-    written = []
+    written, unreadable = [], []
     for path, stem in tqdm(list(zip(files, output_stems(files))), desc="predict", disable=args.no_progress):
-        img = load_image(path, "input")
+        try:
+            img = load_image(path, "input")
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:  # a corrupt file: the others still run
+            unreadable.append(f"{path}: {exc}")
+            tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
+            continue
         labels = inference(model, img, mode=args.mode, amp=args.amp)
         label_path = os.path.join(args.out_dir, f"{stem}.png")
         overlay_path = os.path.join(args.out_dir, f"{stem}_overlay.png")
         save_label_png(label_path, labels, palette)
         save_overlay(overlay_path, img, labels, palette, class_names=names, opacity=args.opacity)
         written += [label_path, overlay_path]
-    print(f"wrote {len(files)} label map(s) and overlay(s) to {args.out_dir}")
+    print(f"wrote {len(written) // 2} label map(s) and overlay(s) to {args.out_dir}")
+    if unreadable:  # after every readable image is written: exit status 1, naming each file that was not
+        print(f"{len(unreadable)} input(s) could not be read:\n  " + "\n  ".join(unreadable), file=sys.stderr)
+        raise SystemExit(1)
     return written
 
 

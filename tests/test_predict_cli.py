@@ -125,3 +125,17 @@ def test_module_help():
     out = subprocess.run([sys.executable, "-m", "segvit.predict", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--out-dir" in out and "--pretrained" in out and ".jpeg" in out
+
+
+def test_a_corrupt_file_is_skipped_named_and_fails_the_run_after_the_others(setup, tmp_path, capsys):
+    images = write_images(tmp_path / "in", ["a.png", "c.png"])
+    good = (tmp_path / "in" / "c.png").read_bytes()
+    (tmp_path / "in" / "b.png").write_bytes(good[:len(good) // 2])  # truncated
+    with pytest.raises(SystemExit) as exit_:
+        run(setup, [tmp_path / "in"], tmp_path / "out")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 input(s) could not be read" in err and str(tmp_path / "in" / "b.png") in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_overlay.png", "c.png", "c_overlay.png"]
+    with Image.open(tmp_path / "out" / "c.png") as im:
+        np.testing.assert_array_equal(np.array(im), inference(setup[2], images["c.png"]).numpy())
