@@ -32,18 +32,17 @@ AUG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def published_equivalent(path: str) -> str | None:
-    """The published model an original SegViT ``.py`` config file most likely is (from its path: backbone size,
-    ``shrink``, dataset, crop size), or None."""
+    """The published model an original SegViT ``.py`` config file most likely is, from its path (backbone size,
+    ``shrink``, dataset), or None when that does not single one out."""
     import segvit
 
     text = path.lower().replace("_", "-")
-    wanted = []
-    wanted.append("vit-b16" if "vit-b" in text else "vit-l16")
-    wanted.append("shrunk" if "shrink" in text or "shrunk" in text else None)
+    backbone = "vit-b16" if "vit-b" in text else "vit-l16"
+    shrunk = "shrink" in text or "shrunk" in text
     dataset = next((d for key, d in (("coco", "cocostuff10k"), ("ade", "ade20k"), ("-pc", "pc60"),
                                      ("context", "pc60")) if key in text), None)
-    found = [name for name in segvit.list_models() if wanted[0] in name and (dataset is None or dataset in name)
-             and (("shrunk" in name) == (wanted[1] is not None))]
+    found = [name for name in segvit.list_models() if backbone in name and ("shrunk" in name) == shrunk
+             and (dataset is None or dataset in name)]
     return found[0] if len(found) == 1 else None
 
 
