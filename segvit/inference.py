@@ -90,25 +90,38 @@ def _tensor_to_hwc(t: torch.Tensor, where: str) -> np.ndarray:
     return t.numpy()
 
 
+def _pil_to_rgb(image, where: str) -> np.ndarray:
+    """RGB uint8 of a PIL image, turned upright by its EXIF orientation (as a photo viewer, and OpenCV's imread that
+    mmcv uses, show it)."""
+    from PIL import ImageOps
+
+    if image.mode in ("F", "I") or image.mode.startswith("I;"):
+        raise TypeError(f"{where}: expected an 8-bit PIL image (mode L, RGB, RGBA, P, ...), got mode "
+                        f"{image.mode!r}; convert it to 8 bits first")
+    return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+
+
 def load_image(image, where: str = "image") -> np.ndarray:
     """An H x W x 3 uint8 RGB array from a file path, a PIL image, a uint8 numpy array (H x W, H x W x 1/3/4) or
     a uint8 tensor (C x H x W or H x W x C, C in 1, 3, 4). Alpha is dropped (the colours are kept as they are,
-    as PIL's ``convert('RGB')``); grey is repeated to three channels. Files are read as ``segvit.eval`` reads a
-    dataset (``segvit.data.read_image``, no EXIF rotation)."""
+    as PIL's ``convert('RGB')``); grey is repeated to three channels. Files and PIL images are turned upright by
+    their EXIF orientation (a phone photo is segmented as it is shown, and the label map has that shape; a dataset
+    read by ``segvit.eval`` is not rotated, its labels being stored as the images are)."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        from segvit.data import read_image
+        from segvit.data.datasets import _open_error
 
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{where}: no such image file: {path!r}")
-        return read_image(path)
+        try:
+            with Image.open(path) as im:
+                return _pil_to_rgb(im, where)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # as segvit.data names it
+            raise _open_error(path, e) from e
     if isinstance(image, Image.Image):
-        if image.mode in ("F", "I") or image.mode.startswith("I;"):
-            raise TypeError(f"{where}: expected an 8-bit PIL image (mode L, RGB, RGBA, P, ...), got mode "
-                            f"{image.mode!r}; convert it to 8 bits first")
-        return np.array(image.convert("RGB"))
+        return _pil_to_rgb(image, where)
     if isinstance(image, torch.Tensor):
         return _rgb_from_array(_tensor_to_hwc(image, where), where)
     if isinstance(image, np.ndarray):

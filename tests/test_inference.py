@@ -268,3 +268,23 @@ def test_dataset_of_and_background():
         classes.palette("voc")
     with pytest.raises(ValueError, match="num_classes"):
         classes.colormap(-1)
+
+
+def test_an_exif_rotated_photo_is_segmented_upright(tmp_path):
+    """A phone photo stored landscape with EXIF orientation 6 (shown rotated 90 degrees clockwise): read upright, as
+    a viewer and OpenCV's imread show it; the label map has the upright shape."""
+    from PIL import Image
+
+    from segvit.inference import load_image
+
+    rng = np.random.default_rng(4)
+    stored = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    path = tmp_path / "photo.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    upright = np.rot90(stored, k=-1)  # 90 degrees clockwise
+    np.testing.assert_array_equal(load_image(str(path)), upright)
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(load_image(im), upright)
+    np.testing.assert_array_equal(load_image(stored), stored)  # arrays are taken as they are
