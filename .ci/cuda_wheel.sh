@@ -126,9 +126,9 @@ assert kinds == {(2, 80), (2, 90), (1, 90)}, f"fat binary of {so}: {sorted(kinds
 print(f"  {os.path.basename(so)}: {len(entries)} fat-binary entries: SASS sm_80, sm_90; PTX compute_90")
 EOF
 "$venv/bin/segvit-info" | sed -n '1,12p'
-for script in segvit-train segvit-eval segvit-predict segvit-data; do
+for script in segvit-train segvit-eval segvit-predict segvit-export segvit-data; do
   "$venv/bin/$script" --help >/dev/null
 done
-echo "console scripts: segvit-info, segvit-train, segvit-eval, segvit-predict, segvit-data run"
+echo "console scripts: segvit-info, segvit-train, segvit-eval, segvit-predict, segvit-export, segvit-data run"
 step "import and checks"
 echo "cuda_wheel: done in $(( $(date +%s) - t0 )) s"

@@ -5,6 +5,9 @@
     program.module()(other_images)                                   # any batch size
     onnx_program = export_onnx(model, images, "segvit.onnx")         # needs `pip install segvit[onnx]`
 
+    python -m segvit.export --model NAME_OR_JSON (--checkpoint PATH | --pretrained) [--onnx FILE] [--program FILE]
+                            [--size H W] [--mode whole|slide] [--check]
+
 Everything here is the plain PyTorch API applied to the model; the helpers only fix the details that are easy to
 get wrong (``predict`` as a module, the batch dimension marked dynamic, an example batch the exporter does not
 specialize). ``torch.export`` keeps the fused kernels as ``torch.ops.segvit.*`` calls (the exported program runs
@@ -12,6 +15,9 @@ them, on the backend selected while exporting); ``torch.onnx.export`` gets the e
 operator for them (segvit/ops/_dispatch.py).
 """
 from __future__ import annotations
+
+import argparse
+import sys
 
 import torch
 import torch.nn as nn
@@ -103,3 +109,82 @@ def _leaf_names(tree, prefix: str = "") -> list[str]:
     else:
         return [prefix]
     return [name for key, value in items for name in _leaf_names(value, f"{prefix}_{key}" if prefix else str(key))]
+
+
+def check_onnx(path: str, model: nn.Module, images: torch.Tensor, mode: str | None = None) -> float:
+    """The largest absolute difference between the ONNX model at ``path`` run by onnxruntime and ``model.predict``
+    on ``images``."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"checking the ONNX model needs onnxruntime ({exc}): pip install segvit[onnx]") from exc
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got, = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = model.predict(images, mode)
+    return float((torch.from_numpy(got) - expected).abs().max())
+
+
+def main(argv=None) -> dict:
+    """``python -m segvit.export``: the model's ``predict`` as an ONNX file and/or a ``torch.export`` program
+    (``torch.export.save``), with a dynamic batch at the given image size. Returns what it wrote."""
+    parser = argparse.ArgumentParser(prog="python -m segvit.export", description=main.__doc__.split(":")[0])
+    parser.add_argument("--model", required=True, help="published model name or JSON config file")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="original (mmcv) or segvit checkpoint (.pth)")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="the published weights of --model from the Hugging Face Hub (pip install segvit[hub])")
+    parser.add_argument("--onnx", default=None, help="write the ONNX model here (pip install segvit[onnx])")
+    parser.add_argument("--program", default=None, help="write the torch.export program here (.pt2)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="the image size the export takes (default: the backbone's img_size)")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="default: the config's test_cfg")
+    parser.add_argument("--check", action="store_true",
+                        help="run the ONNX model with onnxruntime on a random batch of 3 against model.predict")
+    args = parser.parse_args(argv)
+    if not args.onnx and not args.program:
+        parser.error("nothing to write: give --onnx FILE and/or --program FILE")
+    if args.check and not args.onnx:
+        parser.error("--check checks the ONNX model: give --onnx FILE")
+    if args.size is not None and min(args.size) < 1:
+        parser.error(f"--size: expected two positive ints, got {args.size}")
+
+    import segvit
+    from segvit.eval import load_config
+
+    try:
+        cfg = load_config(args.model)
+    except ValueError as e:
+        parser.error(str(e).replace("--config", "--model"))
+    if args.pretrained:
+        if args.model not in segvit.list_models():
+            parser.error(f"--pretrained: the official weights exist for the published models only "
+                         f"({', '.join(segvit.list_models())}), got --model {args.model!r}")
+        model = segvit.build_model(args.model, pretrained=True)
+    else:
+        model = segvit.build_model(cfg, checkpoint=args.checkpoint)
+    height, width = args.size or model.backbone.img_size
+    images = torch.randn(2, 3, height, width)
+    written = {}
+    if args.program:
+        torch.export.save(export_program(model, images, predict=True, mode=args.mode), args.program)
+        written["program"] = args.program
+        print(f"wrote {args.program}: torch.export program of predict, images (batch, 3, {height}, {width})")
+    if args.onnx:
+        export_onnx(model, images, args.onnx, mode=args.mode)
+        written["onnx"] = args.onnx
+        print(f"wrote {args.onnx}: ONNX model of predict, input 'images' (batch, 3, {height}, {width}), output "
+              f"'scores' (batch, {model.num_classes}, {height}, {width})")
+        if args.check:
+            written["max_abs_diff"] = check_onnx(args.onnx, model, torch.randn(3, 3, height, width), args.mode)
+            print(f"onnxruntime against model.predict (batch 3): max |difference| {written['max_abs_diff']:.3g}")
+    return written
+
+
+def cli() -> None:
+    """Console script ``segvit-export`` (main's return value would otherwise become the exit status)."""
+    main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -212,3 +212,29 @@ def test_flop_formulas_match_the_counted_eager_math():
         with FlopCounterMode(display=False) as counter:
             loss.backward()
         assert counter.get_total_flops() == formula > 0
+
+
+def test_the_export_command_writes_a_program_and_a_checked_onnx_model(make_config, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import json
+
+    from segvit.export import main
+
+    whole = {"model": make_config(head="TPNATMHead", img_size=32)}
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(whole))
+    model = segvit.build_model(whole).eval()
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    program, onnx_path = tmp_path / "p.pt2", tmp_path / "m.onnx"
+    written = main(["--model", str(config), "--checkpoint", str(checkpoint), "--program", str(program),
+                    "--onnx", str(onnx_path), "--mode", "whole", "--check"])
+    assert written["max_abs_diff"] < 1e-4 and "max |difference|" in capsys.readouterr().out
+    images = torch.randn(3, 3, 32, 32)  # the program's batch is dynamic
+    torch.testing.assert_close(torch.export.load(str(program)).module()(images), model.predict(images, "whole"),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):  # nothing to write
+        main(["--model", str(config), "--checkpoint", str(checkpoint)])
+    with pytest.raises(SystemExit):  # --check needs --onnx
+        main(["--model", str(config), "--checkpoint", str(checkpoint), "--program", str(program), "--check"])

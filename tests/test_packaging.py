@@ -194,7 +194,8 @@ def test_project_table():
     assert not any(r.startswith("torch") for r in PYPROJECT["build-system"]["requires"])
 
 
-@pytest.mark.parametrize("name", ["segvit-train", "segvit-eval", "segvit-predict", "segvit-info", "segvit-data"])
+@pytest.mark.parametrize("name", ["segvit-train", "segvit-eval", "segvit-predict", "segvit-export", "segvit-info",
+                                  "segvit-data"])
 def test_console_script_targets(name, monkeypatch):
     target = PYPROJECT["project"]["scripts"][name]
     module, _, attr = target.partition(":")
@@ -219,10 +220,11 @@ def test_info_main_prints_and_returns_none(capsys):
 def test_train_and_eval_cli_return_none(monkeypatch):
     # a console script's return value is its exit status: cli() must not hand back main()'s results dict
     import segvit.eval
+    import segvit.export
     import segvit.predict
     import segvit.train
 
-    for module in (segvit.train, segvit.eval, segvit.predict):
+    for module in (segvit.train, segvit.eval, segvit.predict, segvit.export):
         monkeypatch.setattr(module, "main", lambda argv=None: {"mIoU": 1.0})
         assert module.cli() is None
 
