@@ -12,6 +12,7 @@ import importlib
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from typing import Callable, Mapping
@@ -152,6 +153,12 @@ def read_checkpoint_file(path) -> object:
     try:
         return torch.load(name, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        numpy_only = _numpy_globals(name) if "Weights only load failed" in str(exc) else None
+        if numpy_only:
+            # mmcv's ``meta`` keeps numpy scalars and arrays (e.g. hook_msgs' best_score): data, not code, and
+            # rebuilt by the same restricted unpickler; everything else in the file stays refused.
+            with torch.serialization.safe_globals(numpy_only):
+                return torch.load(name, map_location="cpu", weights_only=True)
         if "Weights only load failed" in str(exc) and _names_real_global(str(exc)):
             # A valid checkpoint with objects safe loading does not allow (e.g. an mmcv ``meta`` of classes).
             raise RefusedObjectsError(
@@ -161,6 +168,35 @@ def read_checkpoint_file(path) -> object:
         raise CheckpointError(f"checkpoint {name!r} could not be read ({size} bytes): {exc}") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {name!r} is truncated or corrupt ({size} bytes): {exc}") from exc
+
+
+def _numpy_globals(name: str) -> list | None:
+    """The globals a zip checkpoint needs beyond safe loading's, as (object, name) pairs, when every one is numpy's
+    array or scalar machinery (``numpy.*``: ``_reconstruct``, ``ndarray``, ``dtype``, its dtype classes, ``scalar``);
+    else None."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(name)
+    except Exception:  # a legacy-format file, or a torch without it
+        return None
+    pairs = []
+    for full in names:
+        module, _, attr = full.rpartition(".")
+        if not module.split(".")[0] == "numpy":
+            return None
+        try:
+            with warnings.catch_warnings():  # numpy 2 warns on numpy 1's module names (numpy.core.*)
+                warnings.simplefilter("ignore")
+                pairs.append((getattr(importlib.import_module(module), attr), full))
+        except (ImportError, AttributeError):
+            return None
+    if not pairs:
+        return None
+    # A dtype is rebuilt as numpy.dtype(...) and then set up as its own class (Float64DType, ...): those classes
+    # are no GLOBAL of the file, but safe loading checks them too.
+    import numpy
+
+    return pairs + [c for c in vars(getattr(numpy, "dtypes", numpy)).values()
+                    if isinstance(c, type) and issubclass(c, numpy.dtype)]
 
 
 def _names_real_global(message: str) -> bool:

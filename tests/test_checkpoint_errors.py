@@ -115,3 +115,30 @@ def test_a_checkpoint_of_another_size_gives_a_short_error_with_a_hint():
     message = str(info.value)
     assert "more)" in message and "another configuration" in message
     assert len(message) < 3000, len(message)
+
+
+def test_an_mmcv_meta_with_numpy_values_loads_safely(tmp_path):
+    """mmcv writes numpy scalars and arrays into ``meta`` (hook_msgs' best_score, a PALETTE array): those load under
+    safe loading; anything else stays refused with the advice."""
+    import fractions
+
+    import numpy as np
+
+    from conftest import tiny_config
+    from segvit.checkpoint import RefusedObjectsError, to_original
+
+    model = segvit.build_model(tiny_config())
+    meta = {"hook_msgs": {"best_score": np.float64(0.5), "best_ckpt": "x.pth"}, "PALETTE": np.arange(6).reshape(2, 3),
+            "CLASSES": ("wall", "floor"), "iter": np.int64(80000)}
+    path = tmp_path / "mmcv.pth"
+    torch.save({"state_dict": to_original(model), "meta": meta}, path)
+    state = read_checkpoint_file(path)
+    assert state["meta"]["hook_msgs"]["best_score"] == 0.5 and state["meta"]["iter"] == 80000
+    assert np.array_equal(state["meta"]["PALETTE"], np.arange(6).reshape(2, 3))
+    loaded = segvit.build_model(tiny_config(), checkpoint=str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.save({"state_dict": to_original(model), "meta": {"np": np.float64(1.0), "odd": fractions.Fraction(1, 3)}},
+               path)
+    with pytest.raises(RefusedObjectsError, match="weights_only=False"):
+        read_checkpoint_file(path)
