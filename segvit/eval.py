@@ -213,9 +213,8 @@ def main(argv=None) -> dict:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if args.pretrained and args.config not in segvit.list_models():
-        parser.error(f"--pretrained: official weights exist for the published configurations only "
-                     f"({', '.join(segvit.list_models())}), got --config {args.config}")
+    if args.pretrained and (error := segvit.hub.no_official_weights(args.config, "--pretrained", "--config")):
+        parser.error(error)
     if not 0 <= args.opacity <= 1:
         parser.error(f"--opacity: expected a number in [0, 1], got {args.opacity}")
     cfg = load_config(args.config)

@@ -157,9 +157,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         parser.error(str(e).replace("--config", "--model"))
     if args.pretrained:
-        if args.model not in segvit.list_models():
-            parser.error(f"--pretrained: the official weights exist for the published models only "
-                         f"({', '.join(segvit.list_models())}), got --model {args.model!r}")
+        if error := segvit.hub.no_official_weights(args.model, "--pretrained", "--model"):
+            parser.error(error)
         model = segvit.build_model(args.model, pretrained=True)
     else:
         model = segvit.build_model(cfg, checkpoint=args.checkpoint)

@@ -63,6 +63,15 @@ def checkpoint_info(name: str) -> OfficialCheckpoint:
     return OFFICIAL_CHECKPOINTS[name]
 
 
+def no_official_weights(name: str, flag: str, option: str) -> str | None:
+    """The command-line error for ``flag`` (asking for the official weights) with ``option`` (``--model`` /
+    ``--config``) ``name`` that has none, or None when ``name`` has official weights."""
+    if name in OFFICIAL_CHECKPOINTS:
+        return None
+    return (f"{flag}: the official weights exist for the published models only ({', '.join(official_models())}), "
+            f"got {option} {name!r}; give a checkpoint file instead")
+
+
 def _env_true(name: str) -> bool:
     # huggingface_hub's reading of a boolean variable
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}

@@ -92,9 +92,8 @@ def _build(args, parser):
     except ValueError as e:
         parser.error(str(e).replace("--config", "--model"))
     if args.pretrained:
-        if args.model not in segvit.list_models():
-            parser.error(f"--pretrained: the official weights exist for the published models only "
-                         f"({', '.join(segvit.list_models())}), got --model {args.model!r}; give --checkpoint PATH")
+        if error := segvit.hub.no_official_weights(args.model, "--pretrained", "--model"):
+            parser.error(error)
         model = segvit.build_model(args.model, pretrained=True)
     else:
         if not os.path.isfile(args.checkpoint):

@@ -459,9 +459,8 @@ def main(argv=None) -> dict:
 
     if args.load_from and state is None:
         if args.load_from == "official":
-            if args.config not in segvit.list_models():
-                parser.error(f"--load-from official: official weights exist for the published configurations only "
-                             f"({', '.join(segvit.list_models())}), got --config {args.config}")
+            if error := segvit.hub.no_official_weights(args.config, "--load-from official", "--config"):
+                parser.error(error)
             model = segvit.build_model(args.config, pretrained=True)
         else:
             model = segvit.build_model(cfg["model"], checkpoint=args.load_from)
