@@ -177,14 +177,33 @@ def dataset_classes(cfg: dict, num_classes: int):
     return [f"class {i}" for i in range(num_classes)], classes.colormap(num_classes), None
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m segvit.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="published model name or JSON config file")
+def add_weights_arguments(parser: argparse.ArgumentParser, option: str) -> None:
+    """``--checkpoint PATH`` or ``--pretrained`` (one of them), for the model named by ``option``."""
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="original (mmcv) or segvit checkpoint (.pth)")
     weights.add_argument("--pretrained", action="store_true",
-                         help="the official checkpoint of the published --config, from the Hugging Face Hub "
+                         help=f"the official weights of the published {option}, from the Hugging Face Hub "
                               "(Akide/SegViTv1; needs huggingface_hub: pip install segvit[hub])")
+
+
+def model_from_arguments(parser, args, name: str, cfg: dict, option: str):
+    """The eval-mode model of ``add_weights_arguments``' choice: ``name``'s official weights, or ``cfg`` (the whole
+    config ``name`` stands for) with ``--checkpoint`` (original, or segvit.train's "model")."""
+    import segvit
+
+    if args.pretrained:
+        if error := segvit.hub.no_official_weights(name, "--pretrained", option):
+            parser.error(error)
+        return segvit.build_model(name, pretrained=True)
+    if not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint: no such file: {args.checkpoint!r}")
+    return segvit.build_model(cfg, checkpoint=args.checkpoint)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m segvit.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="published model name or JSON config file")
+    add_weights_arguments(parser, "--config")
     parser.add_argument("--data", required=True, help="dataset root (for ADE20K: the ADEChallengeData2016 folder)")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="default: the config's test_cfg")
     parser.add_argument("--aug-test", action="store_true", help="multi-scale (0.5 ... 1.75) with flip")
@@ -213,20 +232,15 @@ def main(argv=None) -> dict:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if args.pretrained and (error := segvit.hub.no_official_weights(args.config, "--pretrained", "--config")):
-        parser.error(error)
     if not 0 <= args.opacity <= 1:
         parser.error(f"--opacity: expected a number in [0, 1], got {args.opacity}")
     cfg = load_config(args.config)
+    model = model_from_arguments(parser, args, args.config, cfg, "--config")
     dataset = build_dataset(cfg, args.split, args.data)
     if args.check_data:  # every process checks all of it, so all stop together
         from segvit.data import check_dataset
 
         check_dataset({args.split: dataset}, raise_errors=True, progress=not distributed or dist.get_rank() == 0)
-    if args.pretrained:
-        model = segvit.build_model(args.config, pretrained=True)
-    else:
-        model = segvit.build_model(cfg, checkpoint=args.checkpoint)  # original, or segvit.train's "model"
     segvit.apply_fused_kernels(model).to(device)
     names, palette, background = dataset_classes(cfg, model.num_classes)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]

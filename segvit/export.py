@@ -128,12 +128,11 @@ def check_onnx(path: str, model: nn.Module, images: torch.Tensor, mode: str | No
 def main(argv=None) -> dict:
     """``python -m segvit.export``: the model's ``predict`` as an ONNX file and/or a ``torch.export`` program
     (``torch.export.save``), with a dynamic batch at the given image size. Returns what it wrote."""
+    from segvit.eval import add_weights_arguments, load_config, model_from_arguments
+
     parser = argparse.ArgumentParser(prog="python -m segvit.export", description=main.__doc__.split(":")[0])
     parser.add_argument("--model", required=True, help="published model name or JSON config file")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="original (mmcv) or segvit checkpoint (.pth)")
-    weights.add_argument("--pretrained", action="store_true",
-                         help="the published weights of --model from the Hugging Face Hub (pip install segvit[hub])")
+    add_weights_arguments(parser, "--model")
     parser.add_argument("--onnx", default=None, help="write the ONNX model here (pip install segvit[onnx])")
     parser.add_argument("--program", default=None, help="write the torch.export program here (.pt2)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -149,19 +148,11 @@ def main(argv=None) -> dict:
     if args.size is not None and min(args.size) < 1:
         parser.error(f"--size: expected two positive ints, got {args.size}")
 
-    import segvit
-    from segvit.eval import load_config
-
     try:
         cfg = load_config(args.model)
     except ValueError as e:
         parser.error(str(e).replace("--config", "--model"))
-    if args.pretrained:
-        if error := segvit.hub.no_official_weights(args.model, "--pretrained", "--model"):
-            parser.error(error)
-        model = segvit.build_model(args.model, pretrained=True)
-    else:
-        model = segvit.build_model(cfg, checkpoint=args.checkpoint)
+    model = model_from_arguments(parser, args, args.model, cfg, "--model")
     height, width = args.size or model.backbone.img_size
     images = torch.randn(2, 3, height, width)
     written = {}

@@ -18,6 +18,8 @@ import glob
 import os
 import sys
 
+from segvit.eval import add_weights_arguments
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -70,10 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog="Folders and globs take: " + " ".join(IMAGE_EXTENSIONS))
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--model", required=True, help="published model name or JSON config file (a whole config)")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="original (mmcv) or segvit checkpoint (.pth)")
-    weights.add_argument("--pretrained", action="store_true",
-                         help="the published weights of --model from the Hugging Face Hub (pip install segvit[hub])")
+    add_weights_arguments(parser, "--model")
     parser.add_argument("--out-dir", required=True, help="where to write <stem>.png and <stem>_overlay.png")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
@@ -84,21 +83,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args, parser):
-    import segvit
-    from segvit.eval import load_config
+    from segvit.eval import load_config, model_from_arguments
 
     try:
         cfg = load_config(args.model)
     except ValueError as e:
         parser.error(str(e).replace("--config", "--model"))
-    if args.pretrained:
-        if error := segvit.hub.no_official_weights(args.model, "--pretrained", "--model"):
-            parser.error(error)
-        model = segvit.build_model(args.model, pretrained=True)
-    else:
-        if not os.path.isfile(args.checkpoint):
-            parser.error(f"--checkpoint: no such file: {args.checkpoint!r}")
-        model = segvit.build_model(cfg, checkpoint=args.checkpoint)
+    model = model_from_arguments(parser, args, args.model, cfg, "--model")
     if getattr(model, "data_config", None) is None:
         parser.error(f"--model {args.model!r}: the config has no test pipeline or img_norm_cfg to preprocess images "
                      f"with (give a whole config: model, data, img_norm_cfg)")
