@@ -234,13 +234,15 @@ def main(argv=None) -> dict:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if not 0 <= args.opacity <= 1:
         parser.error(f"--opacity: expected a number in [0, 1], got {args.opacity}")
+    if args.pretrained and (error := segvit.hub.no_official_weights(args.config, "--pretrained", "--config")):
+        parser.error(error)  # at once, before the data (and their check)
     cfg = load_config(args.config)
-    model = model_from_arguments(parser, args, args.config, cfg, "--config")
     dataset = build_dataset(cfg, args.split, args.data)
     if args.check_data:  # every process checks all of it, so all stop together
         from segvit.data import check_dataset
 
         check_dataset({args.split: dataset}, raise_errors=True, progress=not distributed or dist.get_rank() == 0)
+    model = model_from_arguments(parser, args, args.config, cfg, "--config")
     segvit.apply_fused_kernels(model).to(device)
     names, palette, background = dataset_classes(cfg, model.num_classes)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
