@@ -140,4 +140,14 @@ def background_index(dataset: str) -> int | None:
     return _BACKGROUND.get(_check(dataset))
 
 
-__all__ = ["DATASETS", "background_index", "class_names", "colormap", "dataset_of", "palette"]
+def for_model(cfg: dict, num_classes: int) -> tuple[str | None, tuple[str, ...] | None, np.ndarray, int | None]:
+    """(dataset, class names, palette, background class) for a model of ``num_classes`` outputs built from the whole
+    config ``cfg``: the names and the background only when the config's dataset has that many classes (a config
+    may reuse a dataset type with other classes), else None; the palette is ``colormap(num_classes)`` either way."""
+    dataset = dataset_of(cfg)
+    if dataset is not None and len(class_names(dataset)) == num_classes:
+        return dataset, class_names(dataset), colormap(num_classes), background_index(dataset)
+    return dataset, None, colormap(num_classes), None
+
+
+__all__ = ["DATASETS", "background_index", "class_names", "colormap", "dataset_of", "for_model", "palette"]

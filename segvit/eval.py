@@ -166,15 +166,13 @@ def report(results: dict, class_names=None) -> dict:
 
 
 def dataset_classes(cfg: dict, num_classes: int):
-    """(class names, palette, background class) of the config's dataset (``segvit.classes``): generic names
-    ("class 0", ...) and palette, and no background, for a dataset it does not know or a class count that differs
-    from the dataset's."""
+    """(class names, palette, background class) of the config's dataset (``segvit.classes.for_model``), with
+    generic names ("class 0", ...) for a dataset it does not know or a class count that differs from the
+    dataset's."""
     from segvit import classes
 
-    dataset = classes.dataset_of(cfg)
-    if dataset is not None and len(classes.class_names(dataset)) == num_classes:
-        return list(classes.class_names(dataset)), classes.palette(dataset), classes.background_index(dataset)
-    return [f"class {i}" for i in range(num_classes)], classes.colormap(num_classes), None
+    _, names, palette, background = classes.for_model(cfg, num_classes)
+    return list(names) if names is not None else [f"class {i}" for i in range(num_classes)], palette, background
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser, option: str) -> None:

@@ -150,16 +150,15 @@ def _build_head(cfg: dict, backbone: VisionTransformer):
     return head, loss_options
 
 
-def _attach_data_attributes(model: SegViT, name_or_cfg) -> None:
+def _attach_data_attributes(model: SegViT, source) -> None:
     """``model.data_config`` (the test-time preprocessing ``segvit.inference`` applies: ``mean``, ``std``,
     ``to_rgb``, and the test pipeline's keep-ratio resize ``img_scale``, ``keep_ratio``, ``min_size`` where
-    present), ``model.dataset``, ``model.class_names`` and ``model.palette``, from a published name or a whole
-    config; None each where the config does not say (a bare ``model`` dict has no data part). Class names are
-    attached only when their count is the model's (a config may reuse a dataset type with other classes); the
-    palette then is ``segvit.classes.colormap(num_classes)``."""
+    present), ``model.dataset``, ``model.class_names`` and ``model.palette``, from a published name or the
+    config ``build_model`` was given (a whole config); None each where it does not say (a bare ``model`` dict
+    has no data part). Names and palette: ``segvit.classes.for_model``."""
     from segvit import classes
 
-    whole = published_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    whole = published_config(source) if isinstance(source, str) else source
     if not (isinstance(whole, dict) and "model" in whole and "type" not in whole):
         whole = {}
     steps = ((whole.get("data") or {}).get("test") or {}).get("pipeline") or []
@@ -179,12 +178,11 @@ def _attach_data_attributes(model: SegViT, name_or_cfg) -> None:
             data_config["keep_ratio"] = resize.get("keep_ratio", True)
             if resize.get("min_size") is not None:
                 data_config["min_size"] = resize["min_size"]
-    dataset = classes.dataset_of(whole)
-    names = classes.class_names(dataset) if dataset is not None else None
+    dataset, names, palette, _ = classes.for_model(whole, model.num_classes)
     model.data_config = data_config
     model.dataset = dataset
-    model.class_names = names if names is not None and len(names) == model.num_classes else None
-    model.palette = classes.colormap(model.num_classes) if whole else None
+    model.class_names = names
+    model.palette = palette if whole else None
 
 
 def _skip_init_if(skip: bool):
@@ -223,7 +221,8 @@ def build_model(name_or_cfg: str | dict, checkpoint=None, pretrained: bool = Fal
         from segvit.hub import official_checkpoint
 
         checkpoint = official_checkpoint(name_or_cfg)
-    cfg = published_config(name_or_cfg)["model"] if isinstance(name_or_cfg, str) else copy.deepcopy(name_or_cfg)
+    source = published_config(name_or_cfg) if isinstance(name_or_cfg, str) else name_or_cfg
+    cfg = copy.deepcopy(source)
     if "model" in cfg and "type" not in cfg:
         cfg = cfg["model"]
     f = _Fields(cfg, "model")
@@ -249,7 +248,7 @@ def build_model(name_or_cfg: str | dict, checkpoint=None, pretrained: bool = Fal
     model = SegViT(backbone, head, test_mode=mode, crop_size=crop_size, stride=stride,
                    ignore_index=loss_options["ignore_index"])
     model.loss_options = loss_options
-    _attach_data_attributes(model, name_or_cfg)
+    _attach_data_attributes(model, source)
     if checkpoint is not None:
         from segvit.checkpoint import CheckpointError, RefusedObjectsError, load_or_rebuild
 
